@@ -1,0 +1,1 @@
+"""Storage: Piccolo tables, migrations, the repository and key encryption."""
