@@ -1,0 +1,125 @@
+"""The Litestar application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, asgi, get
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError, error_body
+from gateway.logs import configure_logging
+from gateway.me_api import AnthropicKeyController
+from gateway.proxy import Proxy
+from gateway.resources import WorkerResources
+from gateway.settings import MAX_REQUEST_BODY, Settings
+from storage.engine import ping
+from storage.errors import StorageError
+
+log = logging.getLogger("gateway.app")
+
+_KIND_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return Response(
+        exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers
+    )
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    kind = _KIND_BY_STATUS.get(exc.status_code, "api_error")
+    message = exc.detail if exc.status_code < 500 else "Internal server error."
+    return Response(
+        error_body(kind, message), status_code=exc.status_code, media_type="application/json"
+    )
+
+
+def _unexpected_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # Logged with its trace here; the client gets no trace, key or token.
+    log.exception("unhandled error", exc_info=exc)
+    return Response(
+        error_body("api_error", "Internal server error."),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+@get("/healthz", summary="200 when the database answers, 503 when it does not")
+async def healthz() -> Response[bytes]:
+    try:
+        await ping()
+    except StorageError:
+        return Response(
+            error_body("api_error", "database unreachable"),
+            status_code=503,
+            media_type="application/json",
+        )
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+def create_app(settings: Settings, *, configure_logs: bool = True) -> Litestar:
+    if configure_logs:
+        configure_logging(settings.log_level)
+    resources = WorkerResources(settings)
+    proxy = Proxy(
+        resources,
+        upstream_base=settings.upstream_url,
+        max_body=MAX_REQUEST_BODY,
+        retry_after=settings.retry_after_seconds,
+        read_timeout=settings.upstream_read_timeout,
+    )
+
+    @asgi("/v1", is_mount=True, copy_scope=False, include_in_schema=False)
+    async def anthropic_api(scope: Scope, receive: Receive, send: Send) -> None:
+        await proxy(scope, receive, send)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await resources.open()
+        app.state.resources = resources
+        try:
+            yield
+        finally:
+            await resources.close()
+
+    return Litestar(
+        route_handlers=[anthropic_api, AnthropicKeyController, healthz],
+        lifespan=[lifespan],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        openapi_config=OpenAPIConfig(
+            title="LLM gateway",
+            version="0.1.0",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "gatewayToken": SecurityScheme(type="http", scheme="bearer"),
+                }
+            ),
+        ),
+        debug=False,
+    )
+
+
+def app_from_environment() -> Litestar:
+    """Granian's factory target: every worker builds its app from the same environment."""
+    return create_app(Settings.from_env())

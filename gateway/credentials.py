@@ -1,0 +1,107 @@
+"""Per-worker cache of who a gateway token is: user, decrypted key, and credential gate.
+
+Steps 2-4 of a proxied request (token -> user -> key -> gate) are served from here and
+read from the database only on a miss. A change made anywhere (a settings PUT or DELETE
+in another worker, a token revoked from the command line) bumps the namespace's change
+counter; every request compares it before trusting the cache, so every worker sees the
+change on its next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
+from ipc.gates import Gate, Gatekeeper
+from storage import repository
+from storage.crypto import MasterKey
+from storage.errors import DecryptionError, StorageError
+from storage.tokens import hash_token
+
+log = logging.getLogger("gateway.credentials")
+
+NO_KEY_MESSAGE = (
+    "No Anthropic API key is configured for this gateway user. Set one with "
+    'PUT /api/v1/me/anthropic-key {"key": "sk-ant-..."}.'
+)
+
+
+class ResolvedCredential:
+    __slots__ = ("api_key", "gate", "user_id")
+
+    def __init__(self, user_id: uuid.UUID, api_key: str, gate: Gate) -> None:
+        self.user_id = user_id
+        self.api_key = api_key
+        self.gate = gate
+
+
+class CredentialCache:
+    def __init__(
+        self, gatekeeper: Gatekeeper, master_key: MasterKey | None, *, max_entries: int = 10_000
+    ) -> None:
+        self._gatekeeper = gatekeeper
+        self._master_key = master_key
+        self._max_entries = max_entries
+        self._entries: dict[str, ResolvedCredential] = {}
+        self._generation = gatekeeper.generation()
+
+    def _sync(self) -> int:
+        generation = self._gatekeeper.generation()
+        if generation != self._generation:
+            self._entries.clear()
+            self._gatekeeper.forget_credential_gates()
+            self._generation = generation
+        return generation
+
+    async def resolve(self, token: str) -> ResolvedCredential:
+        self._sync()
+        token_hash = hash_token(token)
+        entry = self._entries.get(token_hash)
+        if entry is not None:
+            return entry
+        return await self._load(token_hash)
+
+    async def _load(self, token_hash: str) -> ResolvedCredential:
+        stale_gate: Gate | None = None
+        while True:
+            before = self._sync()
+            try:
+                found = await repository.lookup_token(token_hash)
+            except StorageError as exc:
+                log.error("credential lookup failed: %s", exc)
+                raise StorageUnavailableError(
+                    "The gateway's database is unavailable; retry shortly."
+                ) from exc
+            if found is None:
+                raise AuthenticationFailed("Invalid, unknown or revoked gateway token.")
+            stored = found.credential
+            if stored is None:
+                raise AuthenticationFailed(NO_KEY_MESSAGE)
+            api_key = self._decrypt(stored.ciphertext, stored.nonce, found.user_id)
+            gate = self._gatekeeper.credential_gate(
+                found.user_id, stored.cap_version, stored.max_concurrent
+            )
+            if stale_gate is not None and stale_gate.name != gate.name:
+                # We may have re-created a name a settings change had just unlinked.
+                self._gatekeeper.unlink_name(stale_gate.name)
+            if self._gatekeeper.generation() == before:
+                # No change landed between our read and the open: the name is current.
+                entry = ResolvedCredential(found.user_id, api_key, gate)
+                if len(self._entries) >= self._max_entries:
+                    del self._entries[next(iter(self._entries))]
+                self._entries[token_hash] = entry
+                return entry
+            stale_gate = gate
+
+    def _decrypt(self, ciphertext: bytes, nonce: bytes, user_id: uuid.UUID) -> str:
+        if self._master_key is None:
+            raise ServerFault("The gateway has no master key configured (GATEWAY_MASTER_KEY).")
+        try:
+            return self._master_key.decrypt(ciphertext, nonce, user_id=user_id)
+        except DecryptionError:
+            log.error("stored Anthropic key of user %s failed to decrypt", user_id)
+            raise ServerFault(
+                "The stored Anthropic key could not be decrypted (wrong master key?). "
+                "Ask an operator, or store the key again."
+            ) from None

@@ -1,0 +1,203 @@
+"""The settings REST API: a user manages their own Anthropic key and concurrency cap."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+from litestar import Controller, Request, delete, get, put
+from litestar.datastructures import State
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from litestar.status_codes import HTTP_204_NO_CONTENT
+
+from gateway.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    ServerFault,
+    StorageUnavailableError,
+    UnsupportedMediaType,
+)
+from gateway.headers import gateway_token
+from gateway.resources import WorkerResources
+from storage import repository
+from storage.errors import StorageError, StorageUnavailable
+from storage.tokens import hash_token
+
+log = logging.getLogger("gateway.settings_api")
+
+MIN_CAP: Final = 1
+MAX_CAP: Final = 256
+MAX_KEY_LENGTH: Final = 256
+KEY_PREFIX: Final = "sk-ant-"
+MAX_SETTINGS_BODY: Final = 64 * 1024
+
+
+class KeyStatusBody(msgspec.Struct):
+    configured: bool
+    configured_at: datetime | None
+    max_concurrent: int | None
+
+
+class KeyUpdate(msgspec.Struct, frozen=True):
+    key: str | None
+    max_concurrent: int | None
+
+
+def parse_key_update(raw: bytes) -> KeyUpdate:
+    """Validate a PUT body in the documented order; every error names the field and the rule."""
+    try:
+        data: Any = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise InvalidRequest("body: malformed JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body: must be a JSON object")
+    unknown = sorted(set(data) - {"key", "max_concurrent"})
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown field (allowed: key, max_concurrent)")
+    key, cap = data.get("key"), data.get("max_concurrent")
+    if key is None and cap is None:
+        raise InvalidRequest("body: at least one of key, max_concurrent is required")
+    if cap is not None:
+        if type(cap) is not int:
+            raise InvalidRequest(f"max_concurrent: must be an integer from {MIN_CAP} to {MAX_CAP}")
+        if not MIN_CAP <= cap <= MAX_CAP:
+            raise InvalidRequest(
+                f"max_concurrent: must be between {MIN_CAP} and {MAX_CAP}, got {cap}"
+            )
+    if key is not None:
+        if not isinstance(key, str):
+            raise InvalidRequest("key: must be a string")
+        key = key.strip()
+        if not key:
+            raise InvalidRequest("key: must not be empty")
+        if len(key) > MAX_KEY_LENGTH:
+            raise InvalidRequest(f"key: must be at most {MAX_KEY_LENGTH} characters")
+        if not key.startswith(KEY_PREFIX):
+            raise InvalidRequest(f"key: must start with {KEY_PREFIX!r}")
+    return KeyUpdate(key=key, max_concurrent=cap)
+
+
+async def authenticated_user(request: Request[Any, Any, State]) -> Any:
+    token = gateway_token(request.scope["headers"])
+    if token is None:
+        raise AuthenticationFailed(
+            "Missing gateway token: send it as x-api-key or Authorization: Bearer."
+        )
+    try:
+        found = await repository.lookup_token(hash_token(token))
+    except StorageError as exc:
+        raise _storage_down(exc) from exc
+    if found is None:
+        raise AuthenticationFailed("Invalid, unknown or revoked gateway token.")
+    return found.user_id
+
+
+def _storage_down(exc: StorageError) -> Exception:
+    if isinstance(exc, StorageUnavailable):
+        return StorageUnavailableError("The gateway's database is unavailable; retry shortly.")
+    log.error("storage error in the settings API: %s", exc)
+    return ServerFault("The gateway could not complete the change.")
+
+
+class _KeyUpdateOperation(Operation):
+    """The PUT body is parsed by hand (for the documented error order); describe it here."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True,
+            content={
+                "application/json": OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={
+                            "key": Schema(
+                                type=OpenAPIType.STRING,
+                                max_length=MAX_KEY_LENGTH,
+                                pattern="^sk-ant-",
+                                description="The user's Anthropic API key (write-only)",
+                            ),
+                            "max_concurrent": Schema(
+                                type=OpenAPIType.INTEGER,
+                                minimum=MIN_CAP,
+                                maximum=MAX_CAP,
+                                description="Concurrent requests allowed on this key",
+                            ),
+                        },
+                        additional_properties=False,
+                    ),
+                    example={"key": "sk-ant-api03-...", "max_concurrent": 8},
+                )
+            },
+        )
+
+
+class AnthropicKeyController(Controller):
+    path = "/api/v1/me/anthropic-key"
+    tags = ["settings"]
+    security = [{"gatewayToken": []}]
+
+    @get(summary="Whether an Anthropic key is stored, and its concurrency cap")
+    async def status(self, request: Request[Any, Any, State]) -> KeyStatusBody:
+        user_id = await authenticated_user(request)
+        try:
+            stored = await repository.key_status(user_id)
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
+        return KeyStatusBody(
+            configured=stored.configured,
+            configured_at=stored.configured_at,
+            max_concurrent=stored.max_concurrent,
+        )
+
+    @put(
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Store or rotate the Anthropic key, and/or change the concurrency cap",
+        description=(
+            "`key` (starts with sk-ant-, at most 256 characters) and `max_concurrent` "
+            "(1..256, default 8 for a new key) are both optional, but not both absent. "
+            "Rotating the key without a cap keeps the stored cap. A cap alone needs a "
+            "stored key. The new cap applies to the next request in every worker."
+        ),
+        request_max_body_size=MAX_SETTINGS_BODY,
+        operation_class=_KeyUpdateOperation,
+    )
+    async def update(self, request: Request[Any, Any, State]) -> None:
+        user_id = await authenticated_user(request)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise UnsupportedMediaType("content-type: must be application/json")
+        update = parse_key_update(await request.body())
+        resources: WorkerResources = request.app.state.resources
+        try:
+            if update.key is None:
+                assert update.max_concurrent is not None
+                change = await repository.update_cap(user_id, update.max_concurrent)
+                if change is None:
+                    raise InvalidRequest(
+                        "max_concurrent: no Anthropic key configured yet; send key as well"
+                    )
+            else:
+                ciphertext, nonce = resources.require_master_key().encrypt(
+                    update.key, user_id=user_id
+                )
+                change = await repository.upsert_key(
+                    user_id,
+                    ciphertext=ciphertext,
+                    nonce=nonce,
+                    max_concurrent=update.max_concurrent,
+                )
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
+        resources.key_changed(change)
+
+    @delete(summary="Remove the stored Anthropic key (idempotent)")
+    async def remove(self, request: Request[Any, Any, State]) -> None:
+        user_id = await authenticated_user(request)
+        try:
+            change = await repository.delete_key(user_id)
+        except StorageError as exc:
+            raise _storage_down(exc) from exc
+        resources: WorkerResources = request.app.state.resources
+        resources.key_changed(change)

@@ -1,0 +1,34 @@
+"""The upstream URL of a proxied request: raw path and query kept verbatim, traversal refused."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from gateway.errors import InvalidRequest
+
+
+def _fully_unquoted(text: str) -> str:
+    # Decode until stable, so a double-encoded %252e%252e is seen as the '..' it becomes
+    # in any layer that decodes twice.
+    for _ in range(4):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def check_traversal(raw_path: str) -> None:
+    """Refuse a ``..`` segment, raw or percent-encoded (also hidden behind %2F or backslash)."""
+    decoded = _fully_unquoted(raw_path).replace("\\", "/")
+    if any(segment == ".." for segment in decoded.split("/")):
+        raise InvalidRequest("path traversal ('..' segment) is not allowed in the request path")
+
+
+def upstream_url(base: str, raw_path: bytes, query_string: bytes) -> str:
+    """``base`` + the client's path exactly as sent (not percent-decoded) + its query."""
+    path = raw_path.decode("latin-1")
+    check_traversal(path)
+    if query_string:
+        return f"{base}{path}?{query_string.decode('latin-1')}"
+    return f"{base}{path}"

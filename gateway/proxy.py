@@ -1,0 +1,308 @@
+"""The proxy path: a raw ASGI handler for every ``/v1/*`` request.
+
+Raw ASGI rather than a handler returning ``Stream``: the permit must ride with the body,
+and here the whole life of the response is one coroutine whose ``finally`` we own. A
+watcher task reads ``receive()`` for ``http.disconnect`` (``send`` never fails after a
+disconnect) and, when the client leaves, releases the permit at once and cancels the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import httpx
+
+from gateway.credentials import CredentialCache
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    Overloaded,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+)
+from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
+from gateway.paths import upstream_url
+from ipc.gates import Gatekeeper, Permit, Rejected
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("gateway.proxy")
+access_log = logging.getLogger("gateway.access")
+
+_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+OVERLOAD_SCOPE_HEADER: Final = b"x-gateway-overloaded-scope"
+GLOBAL_CAP_MESSAGE: Final = "Server is at capacity. Retry shortly."
+CREDENTIAL_CAP_MESSAGE: Final = (
+    "Too many concurrent requests against this credential (cap: {cap}). Retry shortly."
+)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was read."""
+
+
+class ProxyRuntime:
+    """What the proxy needs from its worker, filled in by the lifespan."""
+
+    credentials: CredentialCache
+    gatekeeper: Gatekeeper
+    client: httpx.AsyncClient
+
+
+class Proxy:
+    def __init__(
+        self,
+        runtime: ProxyRuntime,
+        *,
+        upstream_base: str,
+        max_body: int,
+        retry_after: int,
+        read_timeout: float,
+    ) -> None:
+        self.runtime = runtime
+        self.upstream_base = upstream_base
+        self.max_body = max_body
+        self.retry_after = str(retry_after).encode()
+        self.read_timeout = read_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        path = raw_path.decode("latin-1")
+        headers = scope["headers"]
+        user_id = None
+        try:
+            url = upstream_url(self.upstream_base, raw_path, scope.get("query_string", b""))
+            token = gateway_token(headers)
+            if token is None:
+                raise AuthenticationFailed(
+                    "Missing gateway token: send it as x-api-key or Authorization: Bearer."
+                )
+            credential = await self.runtime.credentials.resolve(token)
+            user_id = credential.user_id
+            body = await self._read_body(receive, headers)
+            admitted = self.runtime.gatekeeper.admit(credential.gate)
+            if isinstance(admitted, Rejected):
+                raise self._overloaded(admitted, user_id=str(user_id), path=path)
+        except ClientGone:
+            return
+        except GatewayError as err:
+            await _send_error(send, err)
+            _access(method, path, user_id, err.status, started, 0, err.kind)
+            return
+        await self._relay(
+            send,
+            receive,
+            permit=admitted,
+            request=self.runtime.client.build_request(
+                method,
+                url,
+                headers=upstream_request_headers(headers, api_key=credential.api_key),
+                content=body,
+            ),
+            method=method,
+            path=path,
+            user_id=str(user_id),
+            started=started,
+        )
+
+    async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
+        for name, value in headers:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise self._too_large()
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"Request body exceeds the gateway's limit of {self.max_body} bytes."
+        )
+
+    def _overloaded(self, rejected: Rejected, *, user_id: str, path: str) -> Overloaded:
+        reason = "global_cap" if rejected.scope == "global" else "per_credential_cap"
+        log.warning(
+            "request rejected over a concurrency cap",
+            extra={"reason": reason, "cap_value": rejected.cap, "user_id": user_id, "path": path},
+        )
+        message = (
+            GLOBAL_CAP_MESSAGE
+            if rejected.scope == "global"
+            else CREDENTIAL_CAP_MESSAGE.format(cap=rejected.cap)
+        )
+        return Overloaded(
+            message,
+            headers={
+                "retry-after": self.retry_after.decode(),
+                "x-should-retry": "true",
+                OVERLOAD_SCOPE_HEADER.decode(): rejected.scope,
+            },
+        )
+
+    async def _relay(
+        self,
+        send: Send,
+        receive: Receive,
+        *,
+        permit: Permit,
+        request: httpx.Request,
+        method: str,
+        path: str,
+        user_id: str,
+        started: float,
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        client_left = False
+
+        async def watch_disconnect() -> None:
+            nonlocal client_left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_left = True
+            permit.release()  # at once and synchronously, before anything else runs
+            task.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        response: httpx.Response | None = None
+        status = 0
+        sent = 0
+        outcome = "ok"
+        try:
+            try:
+                response = await self.runtime.client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout(
+                    f"The upstream did not answer within {self.read_timeout:g} s."
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailable(
+                    f"The upstream is unreachable ({type(exc).__name__})."
+                ) from exc
+            status = response.status_code
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": client_response_headers(response.headers.raw),
+                }
+            )
+            sse = response.headers.get("content-type", "").startswith("text/event-stream")
+            sent, outcome = await (
+                _relay_sse(response, send) if sse else _relay_raw(response, send)
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except GatewayError as err:
+            status, outcome = err.status, err.kind
+            permit.release()
+            await _send_error(send, err)
+        except asyncio.CancelledError:
+            if not client_left:
+                raise
+            task.uncancel()
+            outcome = "client_disconnected"
+        finally:
+            permit.release()
+            watcher.cancel()
+            if response is not None:
+                # Shielded: a second cancel must not leave the upstream connection open.
+                await asyncio.shield(response.aclose())
+            _access(method, path, user_id, status, started, sent, outcome)
+
+
+async def _relay_raw(response: httpx.Response, send: Send) -> tuple[int, str]:
+    sent = 0
+    try:
+        async for chunk in response.aiter_raw():
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.HTTPError as exc:
+        log.warning("upstream body failed after %d bytes: %s", sent, type(exc).__name__)
+        return sent, "upstream_cut"
+    return sent, "ok"
+
+
+async def _relay_sse(response: httpx.Response, send: Send) -> tuple[int, str]:
+    """Relay events as they arrive; on an upstream failure end with an ``event: error``.
+
+    Bytes go out unchanged and in order; only a trailing partial event of a chunk waits
+    for the rest of it, so that a failure mid-event can end the stream on an event
+    boundary with a well-formed error event instead of a truncated one.
+    """
+    sent = 0
+    pending = b""
+    try:
+        async for chunk in response.aiter_raw():
+            data = pending + chunk if pending else chunk
+            cut = data.rfind(b"\n\n") + 2
+            if cut == 1:  # no complete event yet
+                pending = data
+                continue
+            pending = data[cut:]
+            sent += cut
+            await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+    except httpx.HTTPError as exc:
+        log.warning("upstream stream failed after %d bytes: %s", sent, type(exc).__name__)
+        frame = (
+            b"event: error\ndata: "
+            + error_body(
+                "api_error", "The upstream stream ended unexpectedly; the response is incomplete."
+            )
+            + b"\n\n"
+        )
+        await send({"type": "http.response.body", "body": frame, "more_body": True})
+        return sent, "upstream_cut"
+    if pending:
+        sent += len(pending)
+        await send({"type": "http.response.body", "body": pending, "more_body": True})
+    return sent, "ok"
+
+
+async def _send_error(send: Send, err: GatewayError) -> None:
+    headers = [*_JSON_HEADERS, *((k.encode(), v.encode()) for k, v in err.headers.items())]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+
+
+def _access(
+    method: str,
+    path: str,
+    user_id: object,
+    status: int,
+    started: float,
+    sent: int,
+    outcome: str,
+) -> None:
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "proxied",
+            extra={
+                "user_id": None if user_id is None else str(user_id),
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "bytes": sent,
+                "outcome": outcome,
+            },
+        )

@@ -1,0 +1,194 @@
+"""Settings read from the environment once, into a frozen typed object."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+log = logging.getLogger("gateway.settings")
+
+DEFAULT_UPSTREAM_URL: Final = "https://api.anthropic.com"
+MAX_REQUEST_BODY: Final = 32 * 1024 * 1024
+
+
+class SettingsError(Exception):
+    """A variable of the environment holds a value the gateway cannot use."""
+
+
+class Secret(str):
+    """A string that prints as stars, so a secret never reaches a log by accident."""
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path
+    database_url: str
+    master_key: Secret | None = None
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_read_timeout: float = 600.0
+    upstream_connect_timeout: float = 10.0
+    upstream_transport: str = "aiohttp"
+    max_global_concurrent: int | None = None
+    ipc_namespace: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    retry_after_seconds: int = 1
+    log_level: str = "INFO"
+
+    @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read every GATEWAY_* variable (and PROXY_MAX_GLOBAL_CONCURRENT) once.
+
+        ``overrides`` (from command-line flags) win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        data_dir = Path(
+            str(overrides.get("data_dir") or env.get("GATEWAY_DATA_DIR") or "gateway-data")
+        )
+        data_dir = data_dir.expanduser().absolute()
+        database_url = str(
+            overrides.get("database_url")
+            or env.get("GATEWAY_DATABASE_URL")
+            or f"sqlite:///{data_dir / 'gateway.sqlite3'}"
+        )
+        if not database_url.startswith(("sqlite:///", "postgres://", "postgresql://")):
+            raise SettingsError(
+                "GATEWAY_DATABASE_URL must start with sqlite:/// or postgresql://, "
+                f"got {database_url.split(':', 1)[0]!r}"
+            )
+        port = _int(overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0)
+        raw_key = env.get("GATEWAY_MASTER_KEY")
+        namespace = str(
+            overrides.get("ipc_namespace")
+            or env.get("GATEWAY_IPC_NAMESPACE")
+            or default_namespace(database_url, port)
+        )
+        return cls(
+            data_dir=data_dir,
+            database_url=database_url,
+            master_key=Secret(raw_key) if raw_key else None,
+            upstream_url=str(
+                overrides.get("upstream_url")
+                or env.get("GATEWAY_UPSTREAM_URL")
+                or DEFAULT_UPSTREAM_URL
+            ).rstrip("/"),
+            upstream_read_timeout=_float(
+                env.get("GATEWAY_UPSTREAM_READ_TIMEOUT"), "GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0
+            ),
+            upstream_connect_timeout=_float(
+                env.get("GATEWAY_UPSTREAM_CONNECT_TIMEOUT"),
+                "GATEWAY_UPSTREAM_CONNECT_TIMEOUT",
+                10.0,
+            ),
+            upstream_transport=_choice(
+                env.get("GATEWAY_UPSTREAM_TRANSPORT"),
+                "GATEWAY_UPSTREAM_TRANSPORT",
+                ("aiohttp", "httpx"),
+            ),
+            max_global_concurrent=parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT")),
+            ipc_namespace=namespace,
+            host=str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1"),
+            port=port,
+            workers=_int(
+                overrides.get("workers") or env.get("GATEWAY_WORKERS"),
+                "GATEWAY_WORKERS",
+                os.cpu_count() or 1,
+                lo=1,
+            ),
+            retry_after_seconds=_int(
+                env.get("GATEWAY_RETRY_AFTER"), "GATEWAY_RETRY_AFTER", 1, lo=0
+            ),
+            log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+        )
+
+
+def parse_global_cap(raw: str | None) -> int | None:
+    """``PROXY_MAX_GLOBAL_CONCURRENT``: unset means no global cap; anything invalid warns."""
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value <= 0:
+        log.warning(
+            "PROXY_MAX_GLOBAL_CONCURRENT=%r is not a positive integer; "
+            "running without a global cap",
+            raw,
+        )
+        return None
+    return value
+
+
+def database_identity(database_url: str) -> str:
+    """A stable name for one database, however its URL is spelled."""
+    if database_url.startswith("sqlite:///"):
+        return "sqlite:" + str(Path(database_url.removeprefix("sqlite:///")).resolve())
+    rest = database_url.split("://", 1)[1]
+    hostpart = rest.rsplit("@", 1)[-1].split("?", 1)[0]
+    return "postgresql:" + hostpart
+
+
+def namespace_prefix(database_url: str) -> str:
+    """Every default namespace over one database starts with this prefix."""
+    digest = hashlib.sha256(database_identity(database_url).encode()).hexdigest()[:10]
+    return f"gw{digest}"
+
+
+def default_namespace(database_url: str, port: int) -> str:
+    return f"{namespace_prefix(database_url)}p{port}"
+
+
+def _int(raw: object, name: str, default: int, *, lo: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < lo:
+        raise SettingsError(f"{name} must be at least {lo}, got {value}")
+    return value
+
+
+def _float(raw: str | None, name: str, default: float) -> float:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str:
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw

@@ -1,0 +1,1 @@
+"""POSIX named semaphores and shared memory: gates, permits, ledgers, the reaper."""

@@ -1,0 +1,173 @@
+"""A worker's ledger: the permits it holds, in POSIX shared memory that only it writes.
+
+POSIX semaphores have no undo: a worker killed while holding permits keeps them forever.
+So each worker writes down, per semaphore name, how many permits it holds; the
+launcher's reaper reads the ledger of a worker that died and gives those permits back.
+
+Layout: a header (magic, pid, process start time, slot count), then fixed slots of
+(count: int64, name: 120 bytes, NUL-padded). Only the owning worker writes while it
+lives; the reaper writes only once the owner is dead.
+
+Ordering (see ``Permit``): a permit is recorded after the semaphore call succeeded and
+un-recorded before it is released. A kill between the two errs towards one permit lost
+from that semaphore, never towards an over-release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+import msgspec
+import posix_ipc
+
+from ipc.errors import LedgerFull
+from ipc.naming import ledger_name
+
+_MAGIC: Final = b"GWLEDG01"
+_HEADER: Final = struct.Struct("<8sqqq")  # magic, pid, start time, slots
+_COUNT: Final = struct.Struct("<q")
+_NAME_BYTES: Final = 120
+_SLOT_BYTES: Final = _COUNT.size + _NAME_BYTES
+DEFAULT_SLOTS: Final = 4096
+
+
+class Holding(msgspec.Struct, frozen=True):
+    slot: int
+    name: str
+    count: int
+
+
+class LedgerSnapshot(msgspec.Struct, frozen=True):
+    ledger: str
+    pid: int
+    start_time: int
+    holdings: list[Holding]
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot); None if it is gone or a zombie.
+
+    Pids are reused, so a ledger is matched to its process by pid *and* start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class Ledger:
+    """The ledger of the current process. Not thread-safe: one event loop writes it."""
+
+    def __init__(self, namespace: str, *, slots: int = DEFAULT_SLOTS) -> None:
+        self.pid = os.getpid()
+        self.name = ledger_name(namespace, self.pid)
+        start = process_start_time(self.pid)
+        if start is None:  # pragma: no cover - /proc is always there on Linux
+            raise RuntimeError("cannot read this process's start time from /proc")
+        size = _HEADER.size + slots * _SLOT_BYTES
+        # O_CREAT without O_EXCL: a ledger left by an earlier process with our pid is stale
+        # (that process is dead, or we would not have its pid), and we overwrite it whole.
+        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600, size=size)
+        try:
+            self._map = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        self._map[:] = bytes(size)
+        _HEADER.pack_into(self._map, 0, _MAGIC, self.pid, start, slots)
+        self._slots = slots
+        self._slot_of: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        self._free: list[int] = list(range(slots - 1, -1, -1))
+
+    def record(self, name: str) -> None:
+        count = self._counts.get(name, 0) + 1
+        slot = self._slot_of.get(name)
+        if slot is None:
+            if not self._free:
+                raise LedgerFull(f"ledger {self.name} has no free slot for {name}")
+            slot = self._free.pop()
+            self._slot_of[name] = slot
+            offset = _HEADER.size + slot * _SLOT_BYTES + _COUNT.size
+            self._map[offset : offset + _NAME_BYTES] = name.encode().ljust(_NAME_BYTES, b"\0")
+        self._counts[name] = count
+        _COUNT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count)
+
+    def unrecord(self, name: str) -> None:
+        count = self._counts[name] - 1
+        slot = self._slot_of[name]
+        _COUNT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count)
+        if count:
+            self._counts[name] = count
+        else:
+            # The slot keeps its name with count 0 until reused: the reaper skips it.
+            del self._counts[name]
+            del self._slot_of[name]
+            self._free.append(slot)
+
+    def held(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def close(self) -> None:
+        """Unmap; remove the ledger only when nothing is held (else the reaper needs it)."""
+        if self._map.closed:
+            return
+        empty = not self._counts
+        self._map.close()
+        if empty:
+            unlink_ledger(self.name)
+
+
+def read_ledger(name: str, *, with_holdings: bool = True) -> LedgerSnapshot | None:
+    """Read a ledger by name; None when it is gone or not a ledger."""
+    try:
+        shm = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return None
+    size = shm.size  # read before close_fd: size fails afterwards
+    try:
+        if size < _HEADER.size:
+            return None
+        with mmap.mmap(shm.fd, size) as view:
+            magic, pid, start, slots = _HEADER.unpack_from(view, 0)
+            if magic != _MAGIC or size < _HEADER.size + slots * _SLOT_BYTES:
+                return None
+            holdings = list(_holdings(view, slots)) if with_holdings else []
+    finally:
+        shm.close_fd()
+    return LedgerSnapshot(ledger=name, pid=pid, start_time=start, holdings=holdings)
+
+
+def set_count(name: str, slot: int, count: int) -> None:
+    """Overwrite one slot's count: the reaper's un-record, before it releases."""
+    shm = posix_ipc.SharedMemory(name)
+    size = shm.size
+    try:
+        with mmap.mmap(shm.fd, size) as view:
+            _COUNT.pack_into(view, _HEADER.size + slot * _SLOT_BYTES, count)
+    finally:
+        shm.close_fd()
+
+
+def unlink_ledger(name: str) -> None:
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(name)
+
+
+def _holdings(view: mmap.mmap, slots: int) -> Iterator[Holding]:
+    for slot in range(slots):
+        offset = _HEADER.size + slot * _SLOT_BYTES
+        (count,) = _COUNT.unpack_from(view, offset)
+        if count > 0:
+            raw = view[offset + _COUNT.size : offset + _SLOT_BYTES].rstrip(b"\0")
+            yield Holding(slot=slot, name=raw.decode(), count=count)

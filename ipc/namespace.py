@@ -1,0 +1,173 @@
+"""The launcher's claim on a namespace: an exclusive lock, a clean slate, the shared gates."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+
+import msgspec
+import posix_ipc
+
+from ipc.errors import NamespaceBusy
+from ipc.gates import unlink_semaphore
+from ipc.ledger import read_ledger, unlink_ledger
+from ipc.naming import (
+    generation_name,
+    global_gate_name,
+    list_ledgers,
+    list_namespaces,
+    list_semaphores,
+    lock_path,
+    parse_gate_name,
+    validate_namespace,
+)
+
+log = logging.getLogger("ipc.namespace")
+
+
+class NamespaceClaim:
+    """Held by ``gateway serve`` for its whole life; workers only open what it created."""
+
+    def __init__(self, namespace: str, *, global_cap: int | None) -> None:
+        self.namespace = validate_namespace(namespace)
+        self.global_cap = global_cap
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> NamespaceClaim:
+        self.claim()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def claim(self) -> None:
+        path = lock_path(self.namespace)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _read_pid(path)
+            raise NamespaceBusy(
+                f"IPC namespace {self.namespace!r} is held by another gateway launcher"
+                + (f" (pid {holder})" if holder else "")
+                + "; stop it first, or set GATEWAY_IPC_NAMESPACE to run a second gateway"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        stale = purge(self.namespace)
+        if stale:
+            log.info("removed %d stale IPC objects of namespace %s", stale, self.namespace)
+        # O_CREX: after the purge these names must not exist; if one does, another
+        # process is racing us on a namespace we hold, and we refuse rather than share.
+        posix_ipc.Semaphore(
+            generation_name(self.namespace), posix_ipc.O_CREX, mode=0o600, initial_value=0
+        ).close()
+        if self.global_cap is not None:
+            posix_ipc.Semaphore(
+                global_gate_name(self.namespace, self.global_cap),
+                posix_ipc.O_CREX,
+                mode=0o600,
+                initial_value=self.global_cap,
+            ).close()
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        purge(self.namespace)
+        lock_path(self.namespace).unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def purge(namespace: str) -> int:
+    """Unlink every semaphore and ledger of the namespace; the count removed."""
+    removed = 0
+    for name in list_semaphores(namespace):
+        removed += unlink_semaphore(name)
+    for name in list_ledgers(namespace):
+        unlink_ledger(name)
+        removed += 1
+    return removed
+
+
+def bump_generation(namespace: str) -> bool:
+    """Tell every worker of a running namespace to drop its caches; False if none runs."""
+    try:
+        sem = posix_ipc.Semaphore(generation_name(namespace))
+    except posix_ipc.ExistentialError:
+        return False
+    try:
+        sem.release()
+    finally:
+        sem.close()
+    return True
+
+
+def bump_generations(prefix: str, *, explicit: str | None = None) -> list[str]:
+    """Bump ``explicit`` and every namespace whose name starts with ``prefix``."""
+    names = set(list_namespaces(prefix))
+    if explicit:
+        names.add(explicit)
+    return sorted(ns for ns in names if bump_generation(ns))
+
+
+class GateUsage(msgspec.Struct, frozen=True):
+    name: str
+    scope: str
+    user_id: str | None
+    cap_version: int | None
+    cap: int
+    in_use: int
+    free: int
+
+
+def usage(namespace: str) -> list[GateUsage]:
+    """Every gate of a namespace with its cap, permits in use and free permits."""
+    rows = []
+    for name in list_semaphores(namespace):
+        parsed = parse_gate_name(name)
+        if parsed is None:
+            continue
+        try:
+            sem = posix_ipc.Semaphore(name)
+        except posix_ipc.ExistentialError:
+            continue
+        try:
+            free = int(sem.value)
+        finally:
+            sem.close()
+        rows.append(
+            GateUsage(
+                name=name,
+                scope=parsed.scope,
+                user_id=str(parsed.user_id) if parsed.user_id else None,
+                cap_version=parsed.cap_version,
+                cap=parsed.cap,
+                in_use=parsed.cap - free,
+                free=free,
+            )
+        )
+    return rows
+
+
+def held_by_ledgers(namespace: str) -> dict[str, int]:
+    """Permits per gate name that live workers' ledgers record (for checks and `caps`)."""
+    totals: dict[str, int] = {}
+    for ledger in list_ledgers(namespace):
+        snapshot = read_ledger(ledger)
+        if snapshot is None:
+            continue
+        for holding in snapshot.holdings:
+            totals[holding.name] = totals.get(holding.name, 0) + holding.count
+    return totals
+
+
+def _read_pid(path: os.PathLike[str]) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
