@@ -192,3 +192,20 @@ def _choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
+class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What the launcher passes to its Granian process (flags of ``gateway serve``)."""
+
+    host: str
+    port: int
+    workers: int
+    launcher_pid: int
+    backlog: int = 8192
+    # Granian's default is backlog / workers, counting idle keep-alive connections and
+    # queueing the rest silently: far too few for long SSE streams.
+    backpressure: int = 10_000
+    worker_kill_timeout: int = 30
+    worker_lifetime: int | None = None
+    worker_max_rss: int | None = None
+    respawn_interval: float = 1.0

@@ -1,0 +1,289 @@
+"""The ``gateway`` command line: serve, migrate, users, tokens, caps, keygen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from gateway.logs import configure_logging
+from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
+from ipc.errors import IpcError
+from ipc.namespace import bump_generations, held_by_ledgers, usage
+from storage import repository
+from storage.crypto import MasterKey
+from storage.engine import bind_engine, close_engine, create_engine, migrate, open_engine
+from storage.errors import StorageError
+
+T = TypeVar("T")
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
+    async def run() -> T:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(settings.database_url)
+        bind_engine(engine)
+        await open_engine(engine)
+        try:
+            await migrate(engine)
+            return await work()
+        finally:
+            await close_engine(engine)
+
+    try:
+        return asyncio.run(run())
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _announce_change(settings: Settings) -> None:
+    """Running gateways over this database drop their caches on their next request."""
+    bump_generations(namespace_prefix(settings.database_url), explicit=settings.ipc_namespace)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """An Anthropic-compatible LLM gateway with exact cross-process concurrency caps.
+
+    Configuration comes from GATEWAY_* environment variables (see README.md); the
+    database is GATEWAY_DATABASE_URL (default: SQLite in GATEWAY_DATA_DIR).
+    """
+
+
+@main.command()
+@click.option("--host", envvar="GATEWAY_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="GATEWAY_PORT", type=int, default=8080, show_default=True)
+@click.option(
+    "--workers",
+    envvar="GATEWAY_WORKERS",
+    type=click.IntRange(min=1),
+    default=os.cpu_count() or 1,
+    show_default="number of cores",
+    help="Granian worker processes.",
+)
+@click.option("--backlog", type=click.IntRange(min=128), default=8192, show_default=True)
+@click.option(
+    "--backpressure",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Connections per worker before Granian queues (idle keep-alives count).",
+)
+@click.option(
+    "--worker-kill-timeout",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Seconds a worker gets to finish its streams on shutdown before SIGKILL.",
+)
+@click.option(
+    "--worker-lifetime",
+    type=click.IntRange(min=60),
+    default=None,
+    help="Recycle each worker after this many seconds.",
+)
+@click.option(
+    "--worker-max-rss",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Recycle a worker whose resident memory exceeds this many MiB.",
+)
+def serve(
+    host: str,
+    port: int,
+    workers: int,
+    backlog: int,
+    backpressure: int,
+    worker_kill_timeout: int,
+    worker_lifetime: int | None,
+    worker_max_rss: int | None,
+) -> None:
+    """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
+    from gateway.launcher import Launcher
+
+    settings = _settings(host=host, port=port, workers=workers)
+    configure_logging(settings.log_level)
+    options = GranianOptions(
+        host=host,
+        port=port,
+        workers=workers,
+        launcher_pid=os.getpid(),
+        backlog=backlog,
+        backpressure=backpressure,
+        worker_kill_timeout=worker_kill_timeout,
+        worker_lifetime=worker_lifetime,
+        worker_max_rss=worker_max_rss,
+    )
+    base = f"http://{host}:{port}"
+    click.echo(
+        f"LLM gateway on {base} ({workers} workers, data in {settings.data_dir})\n"
+        "  create a user (prints its token):  gateway users create alice\n"
+        f"  store the user's Anthropic key:    curl -X PUT {base}/api/v1/me/anthropic-key \\\n"
+        '      -H "Authorization: Bearer $TOKEN" -H "content-type: application/json" \\\n'
+        '      -d \'{"key": "sk-ant-..."}\'\n'
+        f"  Claude Code / Anthropic SDKs:      ANTHROPIC_BASE_URL={base} "
+        "ANTHROPIC_API_KEY=$TOKEN",
+        err=True,
+    )
+    try:
+        code = Launcher(settings, options).run()
+    except (IpcError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command("migrate")
+def migrate_command() -> None:
+    """Create the data folder and apply all database migrations (idempotent)."""
+    settings = _settings()
+
+    async def nothing() -> None:
+        return None
+
+    _with_database(settings, nothing)
+    click.echo("database is up to date")
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new random master key (base64 of 32 bytes) for GATEWAY_MASTER_KEY."""
+    click.echo(MasterKey.generate().to_base64())
+
+
+@main.group()
+def users() -> None:
+    """Create, list and delete gateway users."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--label", default="first token", show_default=True, help="Label of the token.")
+def users_create(name: str, label: str) -> None:
+    """Create user NAME and issue its first token (printed alone on the last line)."""
+    settings = _settings()
+
+    async def work() -> tuple[repository.UserRecord, str]:
+        user = await repository.create_user(name)
+        _record, token = await repository.issue_token(user.id, label=label)
+        return user, token
+
+    user, token = _with_database(settings, work)
+    click.echo(f"created user {user.name} ({user.id}); its gateway token (shown once):")
+    click.echo(token)
+
+
+@users.command("list")
+def users_list() -> None:
+    """List users."""
+    settings = _settings()
+    for user in _with_database(settings, repository.list_users):
+        click.echo(f"{user.id}  {user.name}  created {user.created_at.isoformat()}")
+
+
+@users.command("delete")
+@click.argument("name")
+def users_delete(name: str) -> None:
+    """Delete user NAME with its tokens and key."""
+    settings = _settings()
+    if not _with_database(settings, lambda: repository.delete_user(name)):
+        raise click.ClickException(f"no user named {name!r}")
+    _announce_change(settings)
+    click.echo(f"deleted user {name}")
+
+
+@main.group()
+def tokens() -> None:
+    """Issue, list and revoke gateway tokens."""
+
+
+@tokens.command("issue")
+@click.argument("name")
+@click.option("--label", default="", help="A label to recognise the token by.")
+def tokens_issue(name: str, label: str) -> None:
+    """Issue a new token for user NAME (printed alone on the last line)."""
+    settings = _settings()
+
+    async def work() -> tuple[repository.TokenRecord, str]:
+        user = await repository.get_user(name)
+        if user is None:
+            raise click.ClickException(f"no user named {name!r}")
+        return await repository.issue_token(user.id, label=label)
+
+    record, token = _with_database(settings, work)
+    click.echo(f"issued token {record.id} for {name}; shown once:")
+    click.echo(token)
+
+
+@tokens.command("list")
+@click.argument("name", required=False)
+def tokens_list(name: str | None) -> None:
+    """List tokens (of user NAME, or all)."""
+    settings = _settings()
+
+    async def work() -> list[repository.TokenRecord]:
+        if name is None:
+            return await repository.list_tokens()
+        user = await repository.get_user(name)
+        if user is None:
+            raise click.ClickException(f"no user named {name!r}")
+        return await repository.list_tokens(user.id)
+
+    for record in _with_database(settings, work):
+        state = f"revoked {record.revoked_at.isoformat()}" if record.revoked_at else "active"
+        click.echo(f"{record.id}  {record.user_name}  {record.label or '-'}  {state}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+def tokens_revoke(token_id: int) -> None:
+    """Revoke token TOKEN_ID; running gateways refuse it on their next request."""
+    settings = _settings()
+    if not _with_database(settings, lambda: repository.revoke_token(token_id)):
+        raise click.ClickException(f"no active token with id {token_id}")
+    _announce_change(settings)
+    click.echo(f"revoked token {token_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per gate.")
+@click.option("--port", envvar="GATEWAY_PORT", type=int, default=8080, show_default=True,
+              help="The port of the gateway whose namespace to show (when not explicit).")
+@click.option("--namespace", envvar="GATEWAY_IPC_NAMESPACE", default=None,
+              help="The IPC namespace (default: derived from the database and port).")
+def caps(as_json: bool, port: int, namespace: str | None) -> None:
+    """Show every semaphore of the running namespace: scope, user, version, cap, use."""
+    import msgspec
+
+    settings = _settings(port=port, ipc_namespace=namespace)
+    rows = usage(settings.ipc_namespace)
+    if as_json:
+        held = held_by_ledgers(settings.ipc_namespace)
+        for row in rows:
+            out: dict[str, Any] = msgspec.to_builtins(row)
+            out["held_by_live_workers"] = held.get(row.name, 0)
+            click.echo(msgspec.json.encode(out))
+        return
+    if not rows:
+        click.echo(f"no gates in namespace {settings.ipc_namespace} (is the gateway running?)")
+        return
+    click.echo(f"{'scope':<11} {'user':<36} {'cap version':>16} {'cap':>4} {'in use':>6} {'free':>5}")
+    for row in rows:
+        click.echo(
+            f"{row.scope:<11} {row.user_id or '-':<36} {row.cap_version or '-':>16} "
+            f"{row.cap:>4} {row.in_use:>6} {row.free:>5}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""``gateway serve``: claim the namespace, run the reaper, supervise the Granian server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import msgspec
+
+from gateway.resources import resolve_master_key
+from gateway.settings import GranianOptions, Settings
+from ipc.namespace import NamespaceClaim
+from ipc.reaper import Reaper, reap_once
+from storage.engine import bind_engine, close_engine, create_engine, migrate, open_engine
+
+log = logging.getLogger("gateway.launcher")
+
+# A Granian server that exits on its own sooner than this after starting is taken to be
+# misconfigured (port in use, bad target) and not restarted.
+MIN_UPTIME_FOR_RESTART = 10.0
+
+
+async def prepare_database(settings: Settings) -> None:
+    """Create the data folder and apply migrations (idempotent)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url)
+    bind_engine(engine)
+    await open_engine(engine)
+    try:
+        await migrate(engine)
+    finally:
+        await close_engine(engine)
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The environment every worker reads its Settings from: the launcher's, made explicit."""
+    env = dict(os.environ)
+    env.update(
+        GATEWAY_DATA_DIR=str(settings.data_dir),
+        GATEWAY_DATABASE_URL=settings.database_url,
+        GATEWAY_IPC_NAMESPACE=settings.ipc_namespace,
+        GATEWAY_HOST=settings.host,
+        GATEWAY_PORT=str(settings.port),
+        GATEWAY_UPSTREAM_URL=settings.upstream_url,
+    )
+    # Validated (and warned about) once here, not once per worker.
+    if settings.max_global_concurrent is None:
+        env.pop("PROXY_MAX_GLOBAL_CONCURRENT", None)
+    else:
+        env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(settings.max_global_concurrent)
+    return env
+
+
+class Launcher:
+    def __init__(self, settings: Settings, options: GranianOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.stopping = False
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def _start_child(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.granian_main", msgspec.json.encode(self.options)],
+            env=worker_environment(self.settings),
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop it in order.
+            start_new_session=True,
+        )
+
+    def run(self) -> int:
+        settings = self.settings
+        asyncio.run(prepare_database(settings))
+        resolve_master_key(settings, create=True)
+        with NamespaceClaim(settings.ipc_namespace, global_cap=settings.max_global_concurrent):
+            reaper = Reaper(settings.ipc_namespace)
+            reaper.start()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, self._on_signal)
+            try:
+                return self._supervise()
+            finally:
+                reaper.stop()
+                reap_once(settings.ipc_namespace)
+
+    def _supervise(self) -> int:
+        while True:
+            started = time.monotonic()
+            self.child = self._start_child()
+            log.info(
+                "gateway serving",
+                extra={
+                    "url": f"http://{self.settings.host}:{self.settings.port}",
+                    "workers": self.options.workers,
+                    "namespace": self.settings.ipc_namespace,
+                    "global_cap": self.settings.max_global_concurrent,
+                    "granian_pid": self.child.pid,
+                },
+            )
+            code = self._wait_child()
+            if self.stopping:
+                return 0
+            uptime = time.monotonic() - started
+            if uptime < MIN_UPTIME_FOR_RESTART:
+                log.error("the Granian server exited after %.1f s (code %s); stopping", uptime, code)
+                return code or 1
+            # Granian gives up after a worker crash loop. The namespace and every permit
+            # survive here: the reaper returns the dead workers' permits; we start again.
+            log.error("the Granian server exited (code %s); restarting it", code)
+            reap_once(self.settings.ipc_namespace)
+
+    def _wait_child(self) -> int:
+        assert self.child is not None
+        while True:
+            try:
+                return self.child.wait()
+            except KeyboardInterrupt:  # pragma: no cover - handled by _on_signal
+                continue
