@@ -7,16 +7,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response, asgi, get
+from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, error_body
 from gateway.logs import configure_logging
 from gateway.me_api import AnthropicKeyController
+from gateway.paths import has_traversal
 from gateway.proxy import Proxy
+from gateway.proxy import Receive as ProxyReceive
+from gateway.proxy import Scope as ProxyScope
+from gateway.proxy import Send as ProxySend
 from gateway.resources import WorkerResources
 from gateway.settings import MAX_REQUEST_BODY, Settings
 from storage.engine import ping
@@ -73,9 +76,7 @@ async def healthz() -> Response[bytes]:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
-def create_app(settings: Settings, *, configure_logs: bool = True) -> Litestar:
-    if configure_logs:
-        configure_logging(settings.log_level)
+def create_app(settings: Settings) -> GatewayApp:
     resources = WorkerResources(settings)
     proxy = Proxy(
         resources,
@@ -85,12 +86,10 @@ def create_app(settings: Settings, *, configure_logs: bool = True) -> Litestar:
         read_timeout=settings.upstream_read_timeout,
     )
 
-    @asgi("/v1", is_mount=True, copy_scope=False, include_in_schema=False)
-    async def anthropic_api(scope: Scope, receive: Receive, send: Send) -> None:
-        await proxy(scope, receive, send)  # type: ignore[arg-type]
-
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Again here: Granian sets up its workers' logging after loading the app.
+        configure_logging(settings.log_level)
         await resources.open()
         app.state.resources = resources
         try:
@@ -98,8 +97,8 @@ def create_app(settings: Settings, *, configure_logs: bool = True) -> Litestar:
         finally:
             await resources.close()
 
-    return Litestar(
-        route_handlers=[anthropic_api, AnthropicKeyController, healthz],
+    app = Litestar(
+        route_handlers=[AnthropicKeyController, healthz],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _gateway_error,
@@ -118,8 +117,29 @@ def create_app(settings: Settings, *, configure_logs: bool = True) -> Litestar:
         ),
         debug=False,
     )
+    return GatewayApp(app, proxy)
 
 
-def app_from_environment() -> Litestar:
+class GatewayApp:
+    """The ASGI entry: ``/v1/*`` goes straight to the proxy, the rest to Litestar.
+
+    Straight, because the proxy is the hot path and needs no routing, and because it
+    must see the raw path: a router normalises ``/v1/../x`` before anyone can refuse it.
+    """
+
+    def __init__(self, litestar: Litestar, proxy: Proxy) -> None:
+        self.litestar = litestar
+        self.proxy = proxy
+
+    async def __call__(self, scope: ProxyScope, receive: ProxyReceive, send: ProxySend) -> None:
+        if scope["type"] == "http":
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            if raw_path.startswith(b"/v1/") or has_traversal(raw_path):
+                await self.proxy(scope, receive, send)
+                return
+        await self.litestar(scope, receive, send)  # type: ignore[arg-type]
+
+
+def app_from_environment() -> GatewayApp:
     """Granian's factory target: every worker builds its app from the same environment."""
     return create_app(Settings.from_env())

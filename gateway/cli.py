@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 def _settings(**overrides: object) -> Settings:
     try:
-        return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings.from_env(None, **{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -124,6 +124,7 @@ def serve(
         worker_kill_timeout=worker_kill_timeout,
         worker_lifetime=worker_lifetime,
         worker_max_rss=worker_max_rss,
+        log_level=settings.log_level,
     )
     base = f"http://{host}:{port}"
     click.echo(
@@ -257,10 +258,20 @@ def tokens_revoke(token_id: int) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per gate.")
-@click.option("--port", envvar="GATEWAY_PORT", type=int, default=8080, show_default=True,
-              help="The port of the gateway whose namespace to show (when not explicit).")
-@click.option("--namespace", envvar="GATEWAY_IPC_NAMESPACE", default=None,
-              help="The IPC namespace (default: derived from the database and port).")
+@click.option(
+    "--port",
+    envvar="GATEWAY_PORT",
+    type=int,
+    default=8080,
+    show_default=True,
+    help="The port of the gateway whose namespace to show (when not explicit).",
+)
+@click.option(
+    "--namespace",
+    envvar="GATEWAY_IPC_NAMESPACE",
+    default=None,
+    help="The IPC namespace (default: derived from the database and port).",
+)
 def caps(as_json: bool, port: int, namespace: str | None) -> None:
     """Show every semaphore of the running namespace: scope, user, version, cap, use."""
     import msgspec
@@ -277,7 +288,9 @@ def caps(as_json: bool, port: int, namespace: str | None) -> None:
     if not rows:
         click.echo(f"no gates in namespace {settings.ipc_namespace} (is the gateway running?)")
         return
-    click.echo(f"{'scope':<11} {'user':<36} {'cap version':>16} {'cap':>4} {'in use':>6} {'free':>5}")
+    click.echo(
+        f"{'scope':<11} {'user':<36} {'cap version':>16} {'cap':>4} {'in use':>6} {'free':>5}"
+    )
     for row in rows:
         click.echo(
             f"{row.scope:<11} {row.user_id or '-':<36} {row.cap_version or '-':>16} "

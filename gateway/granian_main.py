@@ -17,6 +17,7 @@ import msgspec
 from granian.constants import Interfaces
 from granian.server import Server
 
+from gateway.logs import logging_dictconfig
 from gateway.settings import GranianOptions
 
 _PR_SET_PDEATHSIG = 1
@@ -51,8 +52,8 @@ def main() -> None:
         workers_lifetime=options.worker_lifetime,
         workers_max_rss=options.worker_max_rss,
         log_access=False,
+        log_dictconfig=logging_dictconfig(options.log_level),
         working_dir=Path.cwd(),
-        process_name="gateway-granian",
     )
     server.serve()
 

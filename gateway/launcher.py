@@ -111,7 +111,9 @@ class Launcher:
                 return 0
             uptime = time.monotonic() - started
             if uptime < MIN_UPTIME_FOR_RESTART:
-                log.error("the Granian server exited after %.1f s (code %s); stopping", uptime, code)
+                log.error(
+                    "the Granian server exited after %.1f s (code %s); stopping", uptime, code
+                )
                 return code or 1
             # Granian gives up after a worker crash loop. The namespace and every permit
             # survive here: the reaper returns the dead workers' permits; we start again.

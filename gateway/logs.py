@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 import sys
 import time
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -32,12 +33,26 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry).decode()
 
 
+def logging_dictconfig(level: str = "INFO") -> dict[str, Any]:
+    """One JSON handler on the root logger; also handed to Granian for its workers."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "gateway.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": sys.stderr}
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            # httpx logs a line per request at INFO: noise on the hot path, and it costs time.
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
+            "piccolo": {"level": "WARNING"},
+            "_granian": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "granian.access": {"handlers": ["stderr"], "level": level, "propagate": False},
+        },
+    }
+
+
 def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # httpx logs a line per request at INFO: noise on the hot path, and it costs time.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.config.dictConfig(logging_dictconfig(level))

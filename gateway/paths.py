@@ -18,17 +18,19 @@ def _fully_unquoted(text: str) -> str:
     return text
 
 
-def check_traversal(raw_path: str) -> None:
-    """Refuse a ``..`` segment, raw or percent-encoded (also hidden behind %2F or backslash)."""
-    decoded = _fully_unquoted(raw_path).replace("\\", "/")
-    if any(segment == ".." for segment in decoded.split("/")):
-        raise InvalidRequest("path traversal ('..' segment) is not allowed in the request path")
+def has_traversal(raw_path: bytes) -> bool:
+    """A ``..`` segment, raw or percent-encoded (also hidden behind %2F or a backslash)."""
+    if b"." not in raw_path and b"%" not in raw_path:
+        return False  # the common case, decided without decoding
+    decoded = _fully_unquoted(raw_path.decode("latin-1")).replace("\\", "/")
+    return any(segment == ".." for segment in decoded.split("/"))
 
 
 def upstream_url(base: str, raw_path: bytes, query_string: bytes) -> str:
     """``base`` + the client's path exactly as sent (not percent-decoded) + its query."""
+    if has_traversal(raw_path):
+        raise InvalidRequest("path traversal ('..' segment) is not allowed in the request path")
     path = raw_path.decode("latin-1")
-    check_traversal(path)
     if query_string:
         return f"{base}{path}?{query_string.decode('latin-1')}"
     return f"{base}{path}"

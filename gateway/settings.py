@@ -209,3 +209,4 @@ class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):
     worker_lifetime: int | None = None
     worker_max_rss: int | None = None
     respawn_interval: float = 1.0
+    log_level: str = "INFO"

@@ -6,8 +6,8 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
+from gateway.aiohttp_transport import AiohttpTransport
 from gateway.settings import Settings
 
 
@@ -33,10 +33,10 @@ def make_upstream_client(settings: Settings) -> httpx.AsyncClient:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             cookie_jar=aiohttp.DummyCookieJar(),
             # Forward the client's own accept-encoding and user-agent, or none.
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept"),
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
             auto_decompress=False,
         )
-        transport = AiohttpTransport(client=session)
+        transport = AiohttpTransport(session)
     else:
         transport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000)
