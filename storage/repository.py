@@ -1,0 +1,390 @@
+"""Every query the gateway runs: users, tokens and keys, with typed frozen results."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+from piccolo.engine.base import BaseTransaction
+from piccolo.engine.sqlite import SQLiteEngine, TransactionType
+from piccolo.query.methods.select import Select
+
+from storage.errors import AlreadyExists, IntegrityViolation, translate_errors
+from storage.tables import DEFAULT_MAX_CONCURRENT, GatewayToken, User, UserAnthropicKey
+from storage.tokens import hash_token, new_token
+
+_ONE_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+class UserRecord(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+class TokenRecord(msgspec.Struct, frozen=True):
+    id: int
+    user_id: uuid.UUID
+    user_name: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Credential(msgspec.Struct, frozen=True):
+    user_id: uuid.UUID
+    ciphertext: bytes
+    nonce: bytes
+    max_concurrent: int
+    cap_version: int
+
+
+class TokenLookup(msgspec.Struct, frozen=True):
+    user_id: uuid.UUID
+    credential: Credential | None
+
+
+class CapState(msgspec.Struct, frozen=True):
+    cap_version: int
+    max_concurrent: int
+
+
+class KeyChange(msgspec.Struct, frozen=True):
+    """A key or cap change; ``previous`` names the semaphore the gateway must retire."""
+
+    user_id: uuid.UUID
+    previous: CapState | None
+    current: CapState | None
+
+
+class KeyStatus(msgspec.Struct, frozen=True):
+    configured: bool
+    configured_at: datetime | None
+    max_concurrent: int | None
+
+
+# ---------------------------------------------------------------------------- users
+
+
+async def create_user(name: str) -> UserRecord:
+    """A new user; ``AlreadyExists`` when the name is taken."""
+    user = User(name=name, created_at=_now())
+    try:
+        with translate_errors(duplicate=AlreadyExists):
+            rows = await User.insert(user).returning(*User.all_columns()).run()
+    except AlreadyExists as exc:
+        raise AlreadyExists(f"a user named {name!r} exists already") from exc
+    return _user(rows[0])
+
+
+async def get_user(name: str) -> UserRecord | None:
+    with translate_errors():
+        row = await User.select(*User.all_columns()).where(User.name == name).first().run()
+    return None if row is None else _user(row)
+
+
+async def list_users() -> list[UserRecord]:
+    with translate_errors():
+        rows = await User.select(*User.all_columns()).order_by(User.name).run()
+    return [_user(row) for row in rows]
+
+
+async def delete_user(name: str) -> bool:
+    """Delete the user; the database cascades to their tokens and key. False if unknown."""
+    with translate_errors():
+        rows = await User.delete().where(User.name == name).returning(User.id).run()
+    return bool(rows)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+async def issue_token(user_id: uuid.UUID, *, label: str = "") -> tuple[TokenRecord, str]:
+    """A new token for the user: its record and, this once, its plaintext."""
+    token = new_token()
+    row = GatewayToken(user=user_id, token_hash=hash_token(token), label=label, created_at=_now())
+    with translate_errors():
+        async with _write_transaction():
+            inserted = await GatewayToken.insert(row).returning(GatewayToken.id).run()
+            records = await _select_tokens().where(GatewayToken.id == inserted[0]["id"]).run()
+    return _token(records[0]), token
+
+
+async def revoke_token(token_id: int) -> bool:
+    """Revoke at once; False if the token is unknown or already revoked."""
+    with translate_errors():
+        rows = (
+            await GatewayToken.update({GatewayToken.revoked_at: _now()})
+            .where((GatewayToken.id == token_id) & GatewayToken.revoked_at.is_null())
+            .returning(GatewayToken.id)
+            .run()
+        )
+    return bool(rows)
+
+
+async def list_tokens(user_id: uuid.UUID | None = None) -> list[TokenRecord]:
+    query = _select_tokens().order_by(GatewayToken.id)
+    if user_id is not None:
+        query = query.where(GatewayToken.user == user_id)
+    with translate_errors():
+        rows = await query.run()
+    return [_token(row) for row in rows]
+
+
+# The proxy's hot path on a cache miss: one round trip from token hash to the user and
+# their credential, so it is written out rather than built.
+_LOOKUP_TOKEN_SQL: Final = """
+    SELECT t."user" AS user_id, k.ciphertext AS ciphertext, k.nonce AS nonce,
+           k.max_concurrent AS max_concurrent, k.cap_version AS cap_version
+    FROM gateway_tokens AS t
+    LEFT JOIN user_anthropic_keys AS k ON k."user" = t."user"
+    WHERE t.token_hash = {} AND t.revoked_at IS NULL
+"""
+
+
+async def lookup_token(token_hash: str) -> TokenLookup | None:
+    """The user of a valid (unrevoked) token and their credential, in one query."""
+    with translate_errors():
+        rows = await GatewayToken.raw(_LOOKUP_TOKEN_SQL, token_hash).run()
+    if not rows:
+        return None
+    row = rows[0]
+    user_id = _uuid(row["user_id"])
+    credential = None if row["cap_version"] is None else _credential(user_id, row)
+    return TokenLookup(user_id=user_id, credential=credential)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+async def upsert_key(
+    user_id: uuid.UUID, *, ciphertext: bytes, nonce: bytes, max_concurrent: int | None
+) -> KeyChange:
+    """Store or rotate the user's key. Without a cap a new row gets 8 and a rotation
+    keeps the stored cap; with one, it replaces it. Always bumps the cap version."""
+    with translate_errors():
+        async with _write_transaction():
+            stored = await _lock_key_row(user_id)
+            now = _now()
+            if stored is None:
+                current = CapState(
+                    cap_version=_next_cap_version(None),
+                    max_concurrent=(
+                        DEFAULT_MAX_CONCURRENT if max_concurrent is None else max_concurrent
+                    ),
+                )
+                row = UserAnthropicKey(
+                    user=user_id,
+                    ciphertext=ciphertext,
+                    nonce=nonce,
+                    max_concurrent=current.max_concurrent,
+                    cap_version=current.cap_version,
+                    created_at=now,
+                    updated_at=now,
+                )
+                await UserAnthropicKey.insert(row).run()
+                return KeyChange(user_id=user_id, previous=None, current=current)
+            previous, updated_at = stored
+            current = CapState(
+                cap_version=_next_cap_version(previous.cap_version),
+                max_concurrent=(
+                    previous.max_concurrent if max_concurrent is None else max_concurrent
+                ),
+            )
+            await _update_key(
+                user_id,
+                current,
+                _advance(updated_at, now),
+                {UserAnthropicKey.ciphertext: ciphertext, UserAnthropicKey.nonce: nonce},
+            )
+    return KeyChange(user_id=user_id, previous=previous, current=current)
+
+
+async def update_cap(user_id: uuid.UUID, max_concurrent: int) -> KeyChange | None:
+    """Change only the cap (bumping the version); None when the user has no key."""
+    with translate_errors():
+        async with _write_transaction():
+            stored = await _lock_key_row(user_id)
+            if stored is None:
+                return None
+            previous, updated_at = stored
+            current = CapState(
+                cap_version=_next_cap_version(previous.cap_version),
+                max_concurrent=max_concurrent,
+            )
+            await _update_key(user_id, current, _advance(updated_at, _now()), {})
+    return KeyChange(user_id=user_id, previous=previous, current=current)
+
+
+async def delete_key(user_id: uuid.UUID) -> KeyChange:
+    """Forget the user's key; idempotent (``previous`` is None when nothing was stored)."""
+    with translate_errors():
+        rows = (
+            await UserAnthropicKey.delete()
+            .where(UserAnthropicKey.user == user_id)
+            .returning(UserAnthropicKey.cap_version, UserAnthropicKey.max_concurrent)
+            .run()
+        )
+    previous = _cap_state(rows[0]) if rows else None
+    return KeyChange(user_id=user_id, previous=previous, current=None)
+
+
+async def key_status(user_id: uuid.UUID) -> KeyStatus:
+    with translate_errors():
+        row = (
+            await UserAnthropicKey.select(
+                UserAnthropicKey.updated_at, UserAnthropicKey.max_concurrent
+            )
+            .where(UserAnthropicKey.user == user_id)
+            .first()
+            .run()
+        )
+    if row is None:
+        return KeyStatus(configured=False, configured_at=None, max_concurrent=None)
+    return KeyStatus(
+        configured=True,
+        configured_at=_utc(row["updated_at"]),
+        max_concurrent=row["max_concurrent"],
+    )
+
+
+async def get_credential(user_id: uuid.UUID) -> Credential | None:
+    with translate_errors():
+        row = (
+            await UserAnthropicKey.select(
+                UserAnthropicKey.ciphertext,
+                UserAnthropicKey.nonce,
+                UserAnthropicKey.max_concurrent,
+                UserAnthropicKey.cap_version,
+            )
+            .where(UserAnthropicKey.user == user_id)
+            .first()
+            .run()
+        )
+    return None if row is None else _credential(user_id, row)
+
+
+# -------------------------------------------------------------------------- helpers
+
+
+def _next_cap_version(previous: int | None) -> int:
+    # Semaphores are named from (user id, cap version), and a reused name would join a
+    # new counter to an old one. Microseconds since the epoch cannot repeat a version
+    # after a DELETE then a PUT (when the old row and its last version are gone), and
+    # max(old + 1, now) keeps versions rising when two changes share a microsecond or
+    # the clock steps back.
+    now = time.time_ns() // 1000
+    return now if previous is None else max(previous + 1, now)
+
+
+def _write_transaction() -> BaseTransaction:
+    engine = User._meta.db
+    if isinstance(engine, SQLiteEngine):
+        # Take the write lock up front: a deferred transaction that reads, then writes,
+        # fails with SQLITE_BUSY at once when another worker wrote in between.
+        return engine.transaction(transaction_type=TransactionType.immediate)
+    transaction: BaseTransaction = engine.transaction()
+    return transaction
+
+
+# On Postgres the user's row is locked for the rest of the transaction, which serialises
+# every key change of one user, including the first insert (a lock on the key row would
+# leave two concurrent inserts racing). The lock is its own statement: in READ COMMITTED
+# a statement that waited for a row lock still sees the other, joined rows as they were
+# when it started, so the key row is read by a second statement, after the wait.
+# SQLite's BEGIN IMMEDIATE already serialises writers.
+_LOCK_USER_SQL: Final = "SELECT id FROM users WHERE id = {} FOR NO KEY UPDATE"
+_KEY_ROW_SQL: Final = """
+    SELECT u.id AS user_id, k.cap_version AS cap_version,
+           k.max_concurrent AS max_concurrent, k.updated_at AS updated_at
+    FROM users AS u
+    LEFT JOIN user_anthropic_keys AS k ON k."user" = u.id
+    WHERE u.id = {}
+"""
+
+
+async def _lock_key_row(user_id: uuid.UUID) -> tuple[CapState, datetime] | None:
+    """Inside a write transaction: the stored cap state and updated_at, or None."""
+    if not isinstance(User._meta.db, SQLiteEngine):
+        await User.raw(_LOCK_USER_SQL, user_id).run()
+    rows = await User.raw(_KEY_ROW_SQL, user_id).run()
+    if not rows:
+        raise IntegrityViolation(f"no user with id {user_id}")
+    row = rows[0]
+    if row["cap_version"] is None:
+        return None
+    return _cap_state(row), _utc(row["updated_at"])
+
+
+async def _update_key(
+    user_id: uuid.UUID, current: CapState, updated_at: datetime, extra: dict[Any, Any]
+) -> None:
+    values = {
+        UserAnthropicKey.max_concurrent: current.max_concurrent,
+        UserAnthropicKey.cap_version: current.cap_version,
+        UserAnthropicKey.updated_at: updated_at,
+        **extra,
+    }
+    await UserAnthropicKey.update(values).where(UserAnthropicKey.user == user_id).run()
+
+
+def _select_tokens() -> Select[GatewayToken]:
+    return GatewayToken.select(
+        GatewayToken.id,
+        GatewayToken.user.as_alias("user_id"),
+        GatewayToken.user.name.as_alias("user_name"),
+        GatewayToken.label,
+        GatewayToken.created_at,
+        GatewayToken.revoked_at,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _advance(previous: datetime, now: datetime) -> datetime:
+    # updated_at is what clients see as "configured at": it must move on every change.
+    return max(now, previous + _ONE_MICROSECOND)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    # asyncpg returns its own UUID subclass; SQLite may return text. Normalise both.
+    return value if type(value) is uuid.UUID else uuid.UUID(str(value))
+
+
+def _user(row: dict[str, Any]) -> UserRecord:
+    return UserRecord(id=_uuid(row["id"]), name=row["name"], created_at=_utc(row["created_at"]))
+
+
+def _token(row: dict[str, Any]) -> TokenRecord:
+    revoked_at = row["revoked_at"]
+    return TokenRecord(
+        id=row["id"],
+        user_id=_uuid(row["user_id"]),
+        user_name=row["user_name"],
+        label=row["label"],
+        created_at=_utc(row["created_at"]),
+        revoked_at=None if revoked_at is None else _utc(revoked_at),
+    )
+
+
+def _cap_state(row: dict[str, Any]) -> CapState:
+    return CapState(cap_version=row["cap_version"], max_concurrent=row["max_concurrent"])
+
+
+def _credential(user_id: uuid.UUID, row: dict[str, Any]) -> Credential:
+    return Credential(
+        user_id=user_id,
+        ciphertext=bytes(row["ciphertext"]),
+        nonce=bytes(row["nonce"]),
+        max_concurrent=row["max_concurrent"],
+        cap_version=row["cap_version"],
+    )
