@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NoReturn, Self
 
 import click
 import httpx
@@ -116,7 +116,7 @@ async def pause(request: web.Request, seconds: float) -> None:
         await asyncio.sleep(min(left, TICK))
 
 
-def _cut(request: web.Request) -> None:
+def _cut(request: web.Request) -> NoReturn:
     if request.transport is not None:
         request.transport.abort()
     raise _Cut
@@ -223,8 +223,8 @@ async def messages(
     )
     if how.stall <= 0 and how.cut_after is None:
         return web.Response(body=answer, headers=headers, content_type="application/json")
+    headers["content-type"] = "application/json"
     response = web.StreamResponse(headers=headers)
-    response.content_type = "application/json"
     response.content_length = len(answer)
     await response.prepare(request)
     await pause(request, how.stall)
@@ -235,13 +235,19 @@ async def messages(
     return response
 
 
+class _HeadersWithFirstWrite(web.StreamResponse):
+    # web.Response holds its headers for its first write, a StreamResponse sends them in
+    # a syscall of their own; holding them makes a delay=0 stream one write in all. The
+    # attribute is aiohttp's private one: if it goes, headers merely go out on their own.
+    _send_headers_immediately = False
+
+
 async def _stream(
     request: web.Request, how: Behaviour, headers: dict[str, str], frames: list[bytes]
 ) -> web.StreamResponse:
+    headers["content-type"] = "text/event-stream; charset=utf-8"
     headers["cache-control"] = "no-cache"
-    response = web.StreamResponse(headers=headers)
-    response.content_type = "text/event-stream"
-    response.charset = "utf-8"
+    response = _HeadersWithFirstWrite(headers=headers)
     await response.prepare(request)
     first_delta, after_deltas = FRAMES_BEFORE_DELTAS, len(frames) - FRAMES_AFTER_DELTAS
     pending: list[bytes] = []  # frames with no pause between them go out in one write
@@ -249,20 +255,19 @@ async def _stream(
         if index == how.cut_after:
             break
         if how.delay and first_delta <= index < after_deltas:
-            if pending:
-                await response.write(b"".join(pending))
-                pending.clear()
+            await response.write(b"".join(pending))
+            pending.clear()
             await pause(request, how.delay)
         pending.append(frame)
         if index == 0 and how.stall:
             await response.write(b"".join(pending))
             pending.clear()
             await pause(request, how.stall)
-    if pending:
-        await response.write(b"".join(pending))
-    if how.cut_after is not None:
-        _cut(request)
-    return response
+    if how.cut_after is None:
+        await response.write_eof(b"".join(pending))
+        return response
+    await response.write(b"".join(pending))  # even b"" sends the headers still held
+    _cut(request)
 
 
 async def count_tokens(
