@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ import click
 from gateway.logs import configure_logging
 from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
 from ipc.errors import IpcError
-from ipc.namespace import bump_generations, held_by_ledgers, usage
+from ipc.namespace import bump_generations, held_by_ledgers, unlink_user_gates, usage
 from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import bind_engine, close_engine, create_engine, migrate, open_engine
@@ -47,9 +48,14 @@ def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
-def _announce_change(settings: Settings) -> None:
+def _announce_change(settings: Settings, *, deleted_user: uuid.UUID | None = None) -> None:
     """Running gateways over this database drop their caches on their next request."""
-    bump_generations(namespace_prefix(settings.database_url), explicit=settings.ipc_namespace)
+    namespaces = bump_generations(
+        namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
+    )
+    if deleted_user is not None:
+        for namespace in namespaces:
+            unlink_user_gates(namespace, deleted_user)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -197,9 +203,17 @@ def users_list() -> None:
 def users_delete(name: str) -> None:
     """Delete user NAME with its tokens and key."""
     settings = _settings()
-    if not _with_database(settings, lambda: repository.delete_user(name)):
+
+    async def work() -> repository.UserRecord | None:
+        user = await repository.get_user(name)
+        if user is not None and await repository.delete_user(name):
+            return user
+        return None
+
+    user = _with_database(settings, work)
+    if user is None:
         raise click.ClickException(f"no user named {name!r}")
-    _announce_change(settings)
+    _announce_change(settings, deleted_user=user.id)
     click.echo(f"deleted user {name}")
 
 

@@ -28,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
 from gateway.paths import upstream_url
+from ipc.errors import LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
 
 Scope = MutableMapping[str, Any]
@@ -39,7 +40,7 @@ log = logging.getLogger("gateway.proxy")
 access_log = logging.getLogger("gateway.access")
 
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
-OVERLOAD_SCOPE_HEADER: Final = b"x-gateway-overloaded-scope"
+OVERLOAD_SCOPE_HEADER: Final = "x-gateway-overloaded-scope"
 GLOBAL_CAP_MESSAGE: Final = "Server is at capacity. Retry shortly."
 CREDENTIAL_CAP_MESSAGE: Final = (
     "Too many concurrent requests against this credential (cap: {cap}). Retry shortly."
@@ -71,7 +72,7 @@ class Proxy:
         self.runtime = runtime
         self.upstream_base = upstream_base
         self.max_body = max_body
-        self.retry_after = str(retry_after).encode()
+        self.retry_after = str(retry_after)
         self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +92,13 @@ class Proxy:
             credential = await self.runtime.credentials.resolve(token)
             user_id = credential.user_id
             body = await self._read_body(receive, headers)
-            admitted = self.runtime.gatekeeper.admit(credential.gate)
+            try:
+                admitted = self.runtime.gatekeeper.admit(credential.gate)
+            except LedgerFull:
+                log.error("this worker's ledger is full; refusing a request")
+                raise Overloaded(
+                    GLOBAL_CAP_MESSAGE, headers=self._retry_headers("worker")
+                ) from None
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
         except ClientGone:
@@ -150,14 +157,14 @@ class Proxy:
             if rejected.scope == "global"
             else CREDENTIAL_CAP_MESSAGE.format(cap=rejected.cap)
         )
-        return Overloaded(
-            message,
-            headers={
-                "retry-after": self.retry_after.decode(),
-                "x-should-retry": "true",
-                OVERLOAD_SCOPE_HEADER.decode(): rejected.scope,
-            },
-        )
+        return Overloaded(message, headers=self._retry_headers(rejected.scope))
+
+    def _retry_headers(self, scope: str) -> dict[str, str]:
+        return {
+            "retry-after": self.retry_after,
+            "x-should-retry": "true",
+            OVERLOAD_SCOPE_HEADER: scope,
+        }
 
     async def _relay(
         self,

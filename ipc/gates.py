@@ -13,7 +13,7 @@ from typing import Literal
 import msgspec
 import posix_ipc
 
-from ipc.errors import NamespaceMissing
+from ipc.errors import LedgerFull, NamespaceMissing
 from ipc.ledger import Ledger
 from ipc.naming import credential_gate_name, generation_name, global_gate_name
 
@@ -71,6 +71,16 @@ class Permit:
         for gate in reversed(self._gates):  # the credential's first, then the global one
             _give_back(gate, self._ledger)
         return True
+
+
+def _recorded(gate: Gate, ledger: Ledger) -> None:
+    """Write down a permit just acquired; if the ledger is full, release it unrecorded."""
+    try:
+        ledger.record(gate.name)
+    except LedgerFull:
+        gate.release()
+        raise
+    gate.holders += 1
 
 
 def _give_back(gate: Gate, ledger: Ledger) -> None:
@@ -150,21 +160,27 @@ class Gatekeeper:
         if global_gate is not None:
             if not global_gate.try_acquire():
                 return Rejected(scope="global", cap=global_gate.cap)
-            ledger.record(global_gate.name)
-            global_gate.holders += 1
+            _recorded(global_gate, ledger)
         if not credential.try_acquire():
             if global_gate is not None:
                 _give_back(global_gate, ledger)
             return Rejected(scope="credential", cap=credential.cap)
-        ledger.record(credential.name)
-        credential.holders += 1
+        try:
+            _recorded(credential, ledger)
+        except LedgerFull:
+            if global_gate is not None:
+                _give_back(global_gate, ledger)
+            raise
         gates = (credential,) if global_gate is None else (global_gate, credential)
         return Permit(gates, ledger)
 
     def close(self) -> None:
+        """Close every handle; one with permits still out closes when the last comes back."""
         self.forget_credential_gates()
         if self.global_gate is not None:
-            self.global_gate.close()
+            self.global_gate.retired = True
+            if not self.global_gate.holders:
+                self.global_gate.close()
         self._generation.close()
 
 

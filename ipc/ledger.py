@@ -16,6 +16,7 @@ from that semaphore, never towards an over-release.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import struct
@@ -76,15 +77,24 @@ class Ledger:
         if start is None:  # pragma: no cover - /proc is always there on Linux
             raise RuntimeError("cannot read this process's start time from /proc")
         size = _HEADER.size + slots * _SLOT_BYTES
-        # O_CREAT without O_EXCL: a ledger left by an earlier process with our pid is stale
-        # (that process is dead, or we would not have its pid), and we overwrite it whole.
-        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600, size=size)
+        # O_CREAT without O_EXCL: a ledger under our pid was left by a dead process that
+        # had the same pid. Its permits are given back (under the ledger's lock, so the
+        # reaper cannot do it twice) before we take the name over.
+        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
         try:
+            fcntl.flock(shm.fd, fcntl.LOCK_EX)
+            existing = shm.size
+            if existing >= _HEADER.size:
+                with mmap.mmap(shm.fd, existing) as old:
+                    header = _header(old, existing)
+                    if header is not None and header[1] != start:
+                        _give_back(old, header[2])
+            os.ftruncate(shm.fd, size)
             self._map = mmap.mmap(shm.fd, size)
+            self._map[:] = bytes(size)
+            _HEADER.pack_into(self._map, 0, _MAGIC, self.pid, start, slots)
         finally:
-            shm.close_fd()
-        self._map[:] = bytes(size)
-        _HEADER.pack_into(self._map, 0, _MAGIC, self.pid, start, slots)
+            shm.close_fd()  # also drops the lock
         self._slots = slots
         self._slot_of: dict[str, int] = {}
         self._counts: dict[str, int] = {}
@@ -139,24 +149,73 @@ def read_ledger(name: str, *, with_holdings: bool = True) -> LedgerSnapshot | No
         if size < _HEADER.size:
             return None
         with mmap.mmap(shm.fd, size) as view:
-            magic, pid, start, slots = _HEADER.unpack_from(view, 0)
-            if magic != _MAGIC or size < _HEADER.size + slots * _SLOT_BYTES:
+            header = _header(view, size)
+            if header is None:
                 return None
+            pid, start, slots = header
             holdings = list(_holdings(view, slots)) if with_holdings else []
     finally:
         shm.close_fd()
     return LedgerSnapshot(ledger=name, pid=pid, start_time=start, holdings=holdings)
 
 
-def set_count(name: str, slot: int, count: int) -> None:
-    """Overwrite one slot's count: the reaper's un-record, before it releases."""
-    shm = posix_ipc.SharedMemory(name)
-    size = shm.size
+def drain_dead_ledger(name: str) -> dict[str, int] | None:
+    """If the ledger's process is dead, give back every permit it records and remove it.
+
+    Returns the permits given back per semaphore, or None when the ledger is gone or its
+    process lives. Runs under the ledger's lock and re-checks the owner under it, so a
+    new process that took over the pid (and the ledger) is never mistaken for the dead one.
+    """
     try:
+        shm = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        fcntl.flock(shm.fd, fcntl.LOCK_EX)
+        size = shm.size
+        if size < _HEADER.size:
+            return None
         with mmap.mmap(shm.fd, size) as view:
-            _COUNT.pack_into(view, _HEADER.size + slot * _SLOT_BYTES, count)
+            header = _header(view, size)
+            if header is None:
+                return None
+            pid, start, slots = header
+            if process_start_time(pid) == start:
+                return None
+            returned = _give_back(view, slots)
+        unlink_ledger(name)
+        return returned
     finally:
         shm.close_fd()
+
+
+def _header(view: mmap.mmap, size: int) -> tuple[int, int, int] | None:
+    magic, pid, start, slots = _HEADER.unpack_from(view, 0)
+    if magic != _MAGIC or size < _HEADER.size + slots * _SLOT_BYTES:
+        return None
+    return pid, start, slots
+
+
+def _give_back(view: mmap.mmap, slots: int) -> dict[str, int]:
+    returned: dict[str, int] = {}
+    for holding in list(_holdings(view, slots)):
+        offset = _HEADER.size + holding.slot * _SLOT_BYTES
+        try:
+            # No O_CREAT: a name unlinked by a cap change must stay gone.
+            sem = posix_ipc.Semaphore(holding.name)
+        except posix_ipc.ExistentialError:
+            _COUNT.pack_into(view, offset, 0)
+            continue
+        try:
+            for left in range(holding.count - 1, -1, -1):
+                # Un-record before releasing, as a worker does: a kill half-way errs
+                # towards a lost permit, never an over-release.
+                _COUNT.pack_into(view, offset, left)
+                sem.release()
+                returned[holding.name] = returned.get(holding.name, 0) + 1
+        finally:
+            sem.close()
+    return returned
 
 
 def unlink_ledger(name: str) -> None:

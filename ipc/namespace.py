@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import uuid
 
 import msgspec
 import posix_ipc
@@ -91,6 +92,12 @@ def purge(namespace: str) -> int:
         unlink_ledger(name)
         removed += 1
     return removed
+
+
+def unlink_user_gates(namespace: str, user_id: uuid.UUID) -> int:
+    """Remove every gate of a deleted user; holders release onto their open handles."""
+    marker = f".c.{user_id.hex}."
+    return sum(unlink_semaphore(name) for name in list_semaphores(namespace) if marker in name)
 
 
 def bump_generation(namespace: str) -> bool:

@@ -37,7 +37,7 @@ class GateName(msgspec.Struct, frozen=True):
 
 
 def validate_namespace(namespace: str) -> str:
-    if not _NAMESPACE_RE.match(namespace):
+    if not _NAMESPACE_RE.fullmatch(namespace):
         raise InvalidName(
             f"IPC namespace {namespace!r} must be 1..{NAMESPACE_MAX} characters of "
             "letters, digits, '_' or '-'"

@@ -6,9 +6,8 @@ import logging
 import threading
 
 import msgspec
-import posix_ipc
 
-from ipc.ledger import process_start_time, read_ledger, set_count, unlink_ledger
+from ipc.ledger import drain_dead_ledger, process_start_time, read_ledger
 from ipc.naming import list_ledgers
 
 log = logging.getLogger("ipc.reaper")
@@ -24,34 +23,14 @@ def reap_once(namespace: str) -> list[Reaped]:
     reaped = []
     for ledger in list_ledgers(namespace):
         header = read_ledger(ledger, with_holdings=False)
-        if header is None:
+        if header is None or process_start_time(header.pid) == header.start_time:
+            continue  # gone already, or alive (same pid, same start time)
+        returned = drain_dead_ledger(ledger)
+        if returned is None:
             continue
-        if process_start_time(header.pid) == header.start_time:
-            continue  # alive (same pid, same start time)
-        snapshot = read_ledger(ledger)
-        if snapshot is None:
-            continue
-        returned: dict[str, int] = {}
-        for holding in snapshot.holdings:
-            try:
-                # No O_CREAT: a name unlinked by a cap change must stay gone.
-                sem = posix_ipc.Semaphore(holding.name)
-            except posix_ipc.ExistentialError:
-                set_count(ledger, holding.slot, 0)
-                continue
-            try:
-                for left in range(holding.count - 1, -1, -1):
-                    # Un-record before releasing, as the worker does: a reaper killed
-                    # half-way errs towards a lost permit, never an over-release.
-                    set_count(ledger, holding.slot, left)
-                    sem.release()
-                    returned[holding.name] = returned.get(holding.name, 0) + 1
-            finally:
-                sem.close()
-        unlink_ledger(ledger)
         if returned:
-            log.warning("worker %d died holding permits; gave back %s", snapshot.pid, returned)
-        reaped.append(Reaped(pid=snapshot.pid, returned=returned))
+            log.warning("worker %d died holding permits; gave back %s", header.pid, returned)
+        reaped.append(Reaped(pid=header.pid, returned=returned))
     return reaped
 
 

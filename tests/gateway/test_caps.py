@@ -117,7 +117,9 @@ async def burst(
         client = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
         response = await stack.enter_async_context(
             client.stream(
-                "POST", f"{gateway.url}/v1/messages{HOLD}", json=STREAM,
+                "POST",
+                f"{gateway.url}/v1/messages{HOLD}",
+                json=STREAM,
                 headers={"x-api-key": token},
             )
         )
@@ -334,9 +336,12 @@ def test_restart_starts_clean_and_second_launcher_is_refused(
 ) -> None:
     first = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT="7")
     token, _ = first.user_with_key("frank", cap=3)
-    assert httpx.post(
-        f"{first.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
-    ).status_code == 200
+    assert (
+        httpx.post(
+            f"{first.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
+        ).status_code
+        == 200
+    )
     for name in list_semaphores(first.namespace) + list_ledgers(first.namespace):
         assert len(name) - 1 <= POSIX_NAME_MAX and "/" not in name[1:]
 
@@ -356,9 +361,12 @@ def test_restart_starts_clean_and_second_launcher_is_refused(
     third = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT="7")
     assert stale not in list_semaphores(third.namespace)
     assert gates(third)["global"].free == 7
-    assert httpx.post(
-        f"{third.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
-    ).status_code == 200
+    assert (
+        httpx.post(
+            f"{third.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
+        ).status_code
+        == 200
+    )
     credential = next(iter(gates(third)["credential"].values()))
     assert (credential.cap, credential.free) == (3, 3)
 
@@ -369,9 +377,12 @@ def test_invalid_global_cap_warns_and_runs_uncapped(
 ) -> None:
     gateway = start_gateway(workers=1, PROXY_MAX_GLOBAL_CONCURRENT=value)
     token, _ = gateway.user_with_key("gina", cap=2)
-    assert httpx.post(
-        f"{gateway.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
-    ).status_code == 200
+    assert (
+        httpx.post(
+            f"{gateway.url}/v1/messages", json=STREAM, headers={"x-api-key": token}
+        ).status_code
+        == 200
+    )
     assert gates(gateway)["global"] is None
     assert "PROXY_MAX_GLOBAL_CONCURRENT" in gateway.logs()
     assert "running without a global cap" in gateway.logs()

@@ -311,17 +311,16 @@ async def test_permit_released_when_client_disconnects_mid_sse(
     shared_gateway: GatewayProcess, fake_upstream: FakeUpstream
 ) -> None:
     token, key = fresh_user(shared_gateway, cap=2)
-    async with httpx.AsyncClient(timeout=30) as client:
-        async with client.stream(
-            "POST",
-            f"{shared_gateway.url}/v1/messages?events=50&delay=0.5",
-            json={**MESSAGE, "stream": True},
-            headers={"x-api-key": token},
-        ) as response:
-            assert response.status_code == 200
-            async for _ in response.aiter_raw():
-                break  # the first event arrived; now leave
-            assert sum(credential_in_use(shared_gateway).values()) == 1
+    async with httpx.AsyncClient(timeout=30) as client, client.stream(
+        "POST",
+        f"{shared_gateway.url}/v1/messages?events=50&delay=0.5",
+        json={**MESSAGE, "stream": True},
+        headers={"x-api-key": token},
+    ) as response:
+        assert response.status_code == 200
+        async for _ in response.aiter_raw():
+            break  # the first event arrived; now leave
+        assert sum(credential_in_use(shared_gateway).values()) == 1
     left = time.monotonic()
     while fake_upstream.stats()["keys"][key]["in_flight"]:
         assert time.monotonic() - left < 1.5, "the upstream connection was not closed"
@@ -362,7 +361,8 @@ def test_sdk_messages_create_stream_and_count_tokens(
     arrivals = []
     started = time.monotonic()
     with client.messages.stream(
-        **MESSAGE, extra_query={"events": "4", "delay": "0.25"}  # type: ignore[arg-type]
+        **MESSAGE,
+        extra_query={"events": "4", "delay": "0.25"},  # type: ignore[arg-type]
     ) as stream:
         for text in stream.text_stream:
             arrivals.append((time.monotonic() - started, text))

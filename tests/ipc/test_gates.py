@@ -162,12 +162,6 @@ def test_without_a_global_gate_only_the_credential_counts(ipc_namespace: str) ->
             ledger.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ipc/gates.py Gatekeeper.admit: ledger.record() runs after try_acquire() "
-    "succeeded and its LedgerFull is not handled, so the global and the credential permit "
-    "are both kept (the credential one not even in the ledger, so the reaper cannot return it)",
-)
 def test_ledger_full_during_admit_keeps_no_permit(ipc_namespace: str) -> None:
     with NamespaceClaim(ipc_namespace, global_cap=GLOBAL_CAP):
         ledger = Ledger(ipc_namespace, slots=1)  # room for the global gate only

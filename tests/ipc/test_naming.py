@@ -81,12 +81,6 @@ def test_validate_namespace_accepts(namespace: str) -> None:
     assert validate_namespace(namespace) == namespace
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ipc/naming.py validate_namespace: _NAMESPACE_RE ends in '$' and is used with "
-    ".match(), and '$' also matches before a trailing newline, so 'abc\\n' (and 48 chars "
-    "plus '\\n') pass; use .fullmatch() or '\\Z'",
-)
 @pytest.mark.parametrize("namespace", ["abc\n", LONGEST_NAMESPACE + "\n"])
 def test_validate_namespace_rejects_trailing_newline(namespace: str) -> None:
     with pytest.raises(InvalidName):

@@ -9,8 +9,6 @@ import sys
 import uuid
 from collections.abc import Callable
 
-import pytest
-
 from ipc.gates import Gatekeeper, Permit, unlink_semaphore
 from ipc.ledger import Ledger, process_start_time, read_ledger
 from ipc.namespace import NamespaceClaim
@@ -166,12 +164,6 @@ def test_a_live_pid_with_another_start_time_is_dead(claim: NamespaceClaim) -> No
         sleeper.wait(10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ipc/ledger.py Ledger.__init__ opens its name with O_CREAT and zeroes it: a "
-    "not-yet-reaped ledger left by a dead process with the same (reused) pid is overwritten, "
-    "and the permits it recorded are lost for good",
-)
 def test_a_reused_pid_does_not_erase_a_dead_workers_permits(claim: NamespaceClaim) -> None:
     ns = claim.namespace
     global_gate = global_gate_name(ns, GLOBAL_CAP)
