@@ -1,0 +1,476 @@
+"""Benchmark the gateway against the fake upstream hit directly, side by side in one run.
+
+    python -m loadtests.benchmark                 # everything, prints tables
+    python -m loadtests.benchmark --quick         # smaller levels, for a smoke run
+    python -m loadtests.benchmark --only gates    # one part: gates, json, ttfb, sse, memory
+
+It starts the fake upstream and a real ``gateway serve`` (all cores as workers, caps on:
+a global cap and per-credential caps of 256 over several users), then measures:
+
+- gates: acquire + release through ``Gatekeeper.admit`` / ``Permit.release`` (µs);
+- json: non-streaming ``POST /v1/messages`` requests/s and p50/p99 at a fixed
+  concurrency, through the gateway (with and without the global cap) and direct, with
+  ``wrk`` when installed (a Python client saturates before the gateway does);
+- ttfb: added time to first byte at low load (sequential requests), median and p99;
+- sse: time to first event and whole-stream time at 100..2,000 concurrent streams held
+  about a second each, through the gateway and direct; the largest level at which every
+  stream completes with p99 stream time within 1.5x direct;
+- memory: resident memory per worker at idle and with 1,000 open streams.
+
+Figures are printed, never asserted. Results of a run live in ``loadtests/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import click
+import httpx
+
+from loadtests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGE = b'{"model":"claude-bench","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
+STREAM_MESSAGE = (
+    b'{"model":"claude-bench","max_tokens":16,"stream":true,'
+    b'"messages":[{"role":"user","content":"hi"}]}'
+)
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+class Gateway:
+    def __init__(self, workdir: Path, upstream: str, *, workers: int, global_cap: int | None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.namespace = f"bench{uuid.uuid4().hex[:8]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROXY_"))}
+        env.update(
+            GATEWAY_DATA_DIR=str(workdir / "data"),
+            GATEWAY_UPSTREAM_URL=upstream,
+            GATEWAY_IPC_NAMESPACE=self.namespace,
+            GATEWAY_LOG_LEVEL="WARNING",
+        )
+        if global_cap is not None:
+            env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
+        self.env = env
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._log = (workdir / f"gateway-{self.port}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
+             "--workers", str(workers)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"gateway did not start; see {self._log.name}")
+            time.sleep(0.1)
+
+    def user(self, name: str, cap: int = 256) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "users", "create", name],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        token = out.strip().splitlines()[-1]
+        response = httpx.put(
+            f"{self.url}/api/v1/me/anthropic-key",
+            json={"key": f"sk-ant-test-{name}", "max_concurrent": cap},
+            headers={"authorization": f"Bearer {token}"},
+        )
+        response.raise_for_status()
+        return token
+
+    def worker_pids(self) -> list[int]:
+        granian = _children(self.process.pid)
+        return [pid for parent in granian for pid in _children(parent)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(workers: int) -> Iterator[tuple[FakeUpstream, Gateway, Gateway, list[str]]]:
+    """The fake upstream, a capped gateway and an uncapped one, and tokens for both."""
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp, FakeUpstream.start() as up:
+        capped = Gateway(Path(tmp) / "capped", up.url, workers=workers, global_cap=100_000)
+        try:
+            uncapped = Gateway(Path(tmp) / "uncapped", up.url, workers=workers, global_cap=None)
+            try:
+                tokens = [capped.user(f"bench{i}") for i in range(10)]
+                uncapped_token = uncapped.user("bench")
+                yield up, capped, uncapped, [*tokens, uncapped_token]
+            finally:
+                uncapped.stop()
+        finally:
+            capped.stop()
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+def bench_gates(iterations: int) -> dict[str, float]:
+    """Acquire + release through the project's own code, per admitted request."""
+    from ipc.gates import Gatekeeper
+    from ipc.ledger import Ledger
+    from ipc.namespace import NamespaceClaim
+
+    results: dict[str, float] = {}
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    for label, global_cap in (("credential gate only", None), ("global + credential", 1000)):
+        with NamespaceClaim(namespace, global_cap=global_cap):
+            ledger = Ledger(namespace)
+            gatekeeper = Gatekeeper(namespace, global_cap=global_cap, ledger=ledger)
+            gate = gatekeeper.credential_gate(uuid.uuid4(), 1, 8)
+            for _ in range(1000):
+                permit = gatekeeper.admit(gate)
+                permit.release()  # type: ignore[union-attr]
+            started = time.perf_counter()
+            for _ in range(iterations):
+                permit = gatekeeper.admit(gate)
+                permit.release()  # type: ignore[union-attr]
+            results[label] = (time.perf_counter() - started) / iterations * 1e6
+            started = time.perf_counter()
+            for _ in range(iterations):
+                gatekeeper.generation()
+            results["change-counter read"] = (time.perf_counter() - started) / iterations * 1e6
+            gatekeeper.close()
+            ledger.close()
+    return results
+
+
+def wrk_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[str, float]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    body = MESSAGE.decode().replace('"', '\\"')
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{body}"\n'
+        'wrk.headers["content-type"] = "application/json"\n'
+        'wrk.headers["anthropic-version"] = "2023-06-01"\n'
+        f'wrk.headers["x-api-key"] = "{token}"\n'
+    )
+    try:
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script),
+             f"{url}/v1/messages"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": _wrk_latency(out, "50%"),
+        "p99_ms": _wrk_latency(out, "99%"),
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def _wrk_latency(out: str, pct: str) -> float:
+    match = re.search(rf"{re.escape(pct)}\s+([\d.]+)(us|ms|s)\b", out)
+    if match is None:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+async def python_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[str, float]:
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.monotonic() + seconds
+    headers = {"x-api-key": token, "content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def loop() -> None:
+            nonlocal failures
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                async with session.post(f"{url}/v1/messages", data=MESSAGE, headers=headers) as r:
+                    await r.read()
+                    failures += r.status != 200
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": _pct(latencies, 50) * 1000,
+        "p99_ms": _pct(latencies, 99) * 1000,
+        "non_2xx": float(failures),
+    }
+
+
+async def sequential_ttfb(url: str, token: str, count: int) -> list[float]:
+    """Time to the first byte of the response body, one request at a time."""
+    out = []
+    headers = {"x-api-key": token, "content-type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(
+                f"{url}/v1/messages?events=3", data=STREAM_MESSAGE, headers=headers
+            ) as response:
+                await response.content.readany()
+                out.append(time.perf_counter() - started)
+                await response.read()
+    return out
+
+
+async def sse_level(
+    url: str, tokens: list[str], *, streams: int, events: int, delay: float
+) -> dict[str, float]:
+    """``streams`` SSE streams at once; time to first event and whole-stream time."""
+    first: list[float] = []
+    whole: list[float] = []
+    failed = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    gate = asyncio.Event()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(index: int) -> None:
+            nonlocal failed
+            headers = {"x-api-key": tokens[index % len(tokens)], "content-type": "application/json"}
+            await gate.wait()
+            started = time.perf_counter()
+            try:
+                async with session.post(
+                    f"{url}/v1/messages?events={events}&delay={delay}",
+                    data=STREAM_MESSAGE,
+                    headers=headers,
+                ) as response:
+                    if response.status != 200:
+                        failed += 1
+                        await response.read()
+                        return
+                    body = b""
+                    seen_first = False
+                    async for chunk in response.content.iter_any():
+                        body += chunk
+                        if not seen_first and b"content_block_delta" in body:
+                            first.append(time.perf_counter() - started)
+                            seen_first = True
+                    if not body.rstrip().endswith(b'{"type":"message_stop"}'):
+                        failed += 1
+                        return
+                    whole.append(time.perf_counter() - started)
+            except (aiohttp.ClientError, TimeoutError):
+                failed += 1
+
+        tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+        await asyncio.sleep(0.2)
+        gate.set()
+        await asyncio.gather(*tasks)
+    return {
+        "streams": streams,
+        "completed": len(whole),
+        "failed": failed,
+        "first_p50_ms": _pct(first, 50) * 1000,
+        "first_p99_ms": _pct(first, 99) * 1000,
+        "stream_p50_ms": _pct(whole, 50) * 1000,
+        "stream_p99_ms": _pct(whole, 99) * 1000,
+    }
+
+
+async def memory_at(
+    gateway: Gateway, tokens: list[str], streams: int
+) -> tuple[list[float], list[float]]:
+    idle = [_rss_mib(pid) for pid in gateway.worker_pids()]
+    held = asyncio.Event()
+    all_open = asyncio.Event()
+    opened = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def hold(index: int) -> None:
+            nonlocal opened
+            headers = {"x-api-key": tokens[index % len(tokens)], "content-type": "application/json"}
+            async with session.post(
+                f"{gateway.url}/v1/messages?events=1&stall=20",
+                data=STREAM_MESSAGE,
+                headers=headers,
+            ) as response:
+                await response.content.readany()
+                opened += 1
+                if opened == streams:
+                    all_open.set()
+                await held.wait()
+
+        tasks = [asyncio.create_task(hold(i)) for i in range(streams)]
+        try:
+            await asyncio.wait_for(all_open.wait(), 60)
+        except TimeoutError:
+            print(f"  only {opened} of {streams} streams opened within 60 s")
+        loaded = [_rss_mib(pid) for pid in gateway.worker_pids()]
+        held.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return idle, loaded
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+@click.command(help=__doc__)
+@click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="cores")
+@click.option("--quick", is_flag=True, help="Small levels and short runs (a smoke run).")
+@click.option(
+    "--only",
+    type=click.Choice(["gates", "json", "ttfb", "sse", "memory"]),
+    multiple=True,
+    help="Run only these parts (repeatable).",
+)
+@click.option("--concurrency", type=int, default=64, show_default=True, help="For json.")
+@click.option("--seconds", type=int, default=10, show_default=True, help="For json.")
+def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, seconds: int) -> None:
+    parts = set(only) or {"gates", "json", "ttfb", "sse", "memory"}
+    if quick:
+        seconds = min(seconds, 3)
+    print(
+        f"# benchmark on {os.cpu_count()} cores, {workers} gateway workers, python {sys.version.split()[0]}"
+    )
+    if "gates" in parts:
+        print("\n## gates: acquire + release through Gatekeeper.admit / Permit.release")
+        for label, micros in bench_gates(20_000 if quick else 200_000).items():
+            print(f"  {label:<24} {micros:7.2f} µs")
+    if not parts - {"gates"}:
+        return
+    with running(workers) as (up, capped, uncapped, tokens):
+        token, uncapped_token = tokens[0], tokens[-1]
+        capped_tokens = tokens[:-1]
+        if "json" in parts:
+            have_wrk = shutil.which("wrk") is not None
+            tool = "wrk" if have_wrk else "python aiohttp client (install wrk for truer figures)"
+            print(
+                f"\n## json: POST /v1/messages, concurrency {concurrency}, {seconds} s each, {tool}"
+            )
+
+            def measure(url: str, tok: str) -> dict[str, float]:
+                if have_wrk:
+                    return wrk_json(url, tok, concurrency=concurrency, seconds=seconds)
+                return asyncio.run(python_json(url, tok, concurrency=concurrency, seconds=seconds))
+
+            direct = measure(up.url, "sk-ant-test-direct")
+            rows = [
+                ("direct (fake upstream)", direct),
+                ("gateway, caps on", measure(capped.url, token)),
+                ("gateway, no global cap", measure(uncapped.url, uncapped_token)),
+            ]
+            print(
+                f"  {'target':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}"
+            )
+            for label, row in rows:
+                print(
+                    f"  {label:<24} {row['rps']:9.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+                    f"{row['non_2xx']:8.0f} {row['rps'] / direct['rps']:6.2f}"
+                )
+        if "ttfb" in parts:
+            count = 100 if quick else 400
+            direct_t = asyncio.run(sequential_ttfb(up.url, "sk-ant-test-direct", count))
+            gateway_t = asyncio.run(sequential_ttfb(capped.url, token, count))
+            print(f"\n## ttfb: time to first byte at low load, {count} sequential SSE requests")
+            print(
+                f"  direct   median {statistics.median(direct_t) * 1000:6.2f} ms  p99 {_pct(direct_t, 99) * 1000:6.2f} ms"
+            )
+            print(
+                f"  gateway  median {statistics.median(gateway_t) * 1000:6.2f} ms  p99 {_pct(gateway_t, 99) * 1000:6.2f} ms"
+            )
+            added = statistics.median(gateway_t) - statistics.median(direct_t)
+            print(f"  added at the median: {added * 1000:.2f} ms")
+        if "sse" in parts:
+            levels = [100, 500] if quick else [100, 500, 1000, 2000]
+            events, delay = 4, 0.25
+            print(f"\n## sse: concurrent streams of {events} deltas {delay} s apart (~1 s each)")
+            print(
+                f"  {'target':<8} {'streams':>7} {'done':>6} {'failed':>6} {'first p50':>10} "
+                f"{'first p99':>10} {'stream p50':>11} {'stream p99':>11}"
+            )
+            best = 0
+            for level in levels:
+                d = asyncio.run(
+                    sse_level(
+                        up.url, ["sk-ant-test-direct"], streams=level, events=events, delay=delay
+                    )
+                )
+                g = asyncio.run(
+                    sse_level(capped.url, capped_tokens, streams=level, events=events, delay=delay)
+                )
+                for label, row in (("direct", d), ("gateway", g)):
+                    print(
+                        f"  {label:<8} {row['streams']:7.0f} {row['completed']:6.0f} {row['failed']:6.0f} "
+                        f"{row['first_p50_ms']:8.0f}ms {row['first_p99_ms']:8.0f}ms "
+                        f"{row['stream_p50_ms']:9.0f}ms {row['stream_p99_ms']:9.0f}ms"
+                    )
+                if g["completed"] == level and g["stream_p99_ms"] <= 1.5 * d["stream_p99_ms"]:
+                    best = level
+            print(f"  largest level with every stream complete and p99 within 1.5x direct: {best}")
+        if "memory" in parts:
+            streams = 500 if quick else 1000
+            idle, loaded = asyncio.run(memory_at(capped, capped_tokens, streams))
+            print(f"\n## memory: resident MiB per worker, idle and with {streams} open streams")
+            print(f"  idle    {', '.join(f'{m:.0f}' for m in idle)}")
+            print(f"  loaded  {', '.join(f'{m:.0f}' for m in loaded)}")
+
+
+if __name__ == "__main__":
+    main()
