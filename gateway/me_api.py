@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -101,8 +102,13 @@ def _storage_down(exc: StorageError) -> Exception:
     return ServerFault("The gateway could not complete the change.")
 
 
+@dataclass
 class _KeyUpdateOperation(Operation):
-    """The PUT body is parsed by hand (for the documented error order); describe it here."""
+    """The PUT body is parsed by hand (for the documented error order); describe it here.
+
+    A dataclass of its own: the ``__init__`` inherited from ``Operation`` never calls a
+    ``__post_init__`` that only a subclass defines.
+    """
 
     def __post_init__(self) -> None:
         self.request_body = RequestBody(
