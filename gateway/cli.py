@@ -105,7 +105,15 @@ def main() -> None:
     default=None,
     help="Recycle a worker whose resident memory exceeds this many MiB.",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+    help="The workers' event loop.",
+)
 def serve(
+    loop: str,
     host: str,
     port: int,
     workers: int,
@@ -131,6 +139,7 @@ def serve(
         worker_lifetime=worker_lifetime,
         worker_max_rss=worker_max_rss,
         log_level=settings.log_level,
+        loop=loop,
     )
     base = f"http://{host}:{port}"
     click.echo(

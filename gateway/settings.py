@@ -210,3 +210,4 @@ class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):
     worker_max_rss: int | None = None
     respawn_interval: float = 1.0
     log_level: str = "INFO"
+    loop: str = "uvloop"
