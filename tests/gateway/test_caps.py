@@ -386,3 +386,60 @@ def test_invalid_global_cap_warns_and_runs_uncapped(
     assert gates(gateway)["global"] is None
     assert "PROXY_MAX_GLOBAL_CONCURRENT" in gateway.logs()
     assert "running without a global cap" in gateway.logs()
+
+
+async def test_granian_crash_loop_keeps_namespace_and_permits(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """Granian exits when a respawned worker dies again within ~5.5 s; the launcher keeps
+    the namespace, reaps the dead workers' permits and starts Granian again."""
+    from gateway.launcher import MIN_UPTIME_FOR_RESTART
+
+    gateway = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT="10")
+    token, _ = gateway.user_with_key("hank", cap=4)
+    assert (await one_request(gateway, token)).status_code == 200
+    granian = _children(gateway.pid)
+    assert len(granian) == 1
+    await asyncio.sleep(MIN_UPTIME_FOR_RESTART + 0.5)  # past the launcher's misconfiguration guard
+
+    async with held_streams(gateway, token, 3):
+        victim = max(held_per_worker(gateway).items(), key=lambda item: item[1])[0]
+        os.kill(victim, signal.SIGKILL)
+        # Kill the respawned worker as soon as it appears: Granian calls that a crash loop.
+        deadline = time.monotonic() + 10
+        while True:
+            fresh = set(_children(granian[0])) - {victim} - set(held_per_worker(gateway))
+            alive = [pid for pid in fresh if _is_worker(pid)]
+            if alive:
+                os.kill(alive[0], signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "no respawned worker appeared"
+            await asyncio.sleep(0.05)
+
+    # Granian exits and the launcher starts a new one on the same namespace.
+    await wait_for(
+        lambda: _children(gateway.pid) not in ([], granian), 20, "a new Granian server"
+    )
+    assert gateway.process.poll() is None
+    assert "restarting it" in gateway.logs()
+    gateway.wait_ready()
+    await wait_for(lambda: held_per_worker(gateway) == {}, 5, "every permit back")
+    state = gates(gateway)
+    assert state["global"].free == 10
+    assert all(r.free == r.cap for r in state["credential"].values())
+    async with held_streams(gateway, token, 4):
+        assert (await one_request(gateway, token)).status_code == 429
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"Z" not in open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1][:3]
+    except OSError:
+        return False
