@@ -17,7 +17,7 @@ from ipc.errors import IpcError
 from ipc.namespace import bump_generations, held_by_ledgers, unlink_user_gates, usage
 from storage import repository
 from storage.crypto import MasterKey
-from storage.engine import bind_engine, close_engine, create_engine, migrate, open_engine
+from storage.engine import connected
 from storage.errors import StorageError
 
 T = TypeVar("T")
@@ -33,14 +33,8 @@ def _settings(**overrides: object) -> Settings:
 def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
     async def run() -> T:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(settings.database_url)
-        bind_engine(engine)
-        await open_engine(engine)
-        try:
-            await migrate(engine)
+        async with connected(settings.database_url):
             return await work()
-        finally:
-            await close_engine(engine)
 
     try:
         return asyncio.run(run())

@@ -17,7 +17,7 @@ from gateway.resources import resolve_master_key
 from gateway.settings import GranianOptions, Settings
 from ipc.namespace import NamespaceClaim
 from ipc.reaper import Reaper, reap_once
-from storage.engine import bind_engine, close_engine, create_engine, migrate, open_engine
+from storage.engine import connected
 
 log = logging.getLogger("gateway.launcher")
 
@@ -29,13 +29,8 @@ MIN_UPTIME_FOR_RESTART = 10.0
 async def prepare_database(settings: Settings) -> None:
     """Create the data folder and apply migrations (idempotent)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(settings.database_url)
-    bind_engine(engine)
-    await open_engine(engine)
-    try:
-        await migrate(engine)
-    finally:
-        await close_engine(engine)
+    async with connected(settings.database_url):
+        pass
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:

@@ -7,6 +7,7 @@ import io
 import logging
 import sys
 import types
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
@@ -120,3 +121,17 @@ async def ping() -> None:
         await User.raw("SELECT 1").run()
 
 
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str, *, migrated: bool = True) -> AsyncIterator[AnyEngine]:
+    """A bound, opened (and by default migrated) engine for a one-off job, closed after."""
+    engine = create_engine(url)
+    bind_engine(engine)
+    await open_engine(engine)
+    try:
+        if migrated:
+            await migrate(engine)
+        yield engine
+    finally:
+        await close_engine(engine)
