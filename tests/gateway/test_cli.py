@@ -144,9 +144,10 @@ def until_every_worker_answered(
     timeout: float = 20.0,
     at_least: int = 8,
 ) -> None:
-    """Proxied requests, each on a new connection, in small concurrent batches, until
-    every worker has answered one (per the workers' own access logs) and at least
-    ``at_least`` were sent; every answer must have ``expected_status``."""
+    """Proxied requests, each on a new connection, four at a time (so the token's cap
+    must be at least 4), until every worker has answered one (per the workers' own
+    access logs) and at least ``at_least`` were sent; every answer must have
+    ``expected_status``."""
     marker = f"/v1/files/{uuid.uuid4().hex}"
     sent = 0
 
@@ -387,7 +388,7 @@ def test_users_delete_locks_the_user_out_of_a_running_gateway(
     name, other = unique("del"), unique("stay")
     _, token = create_user(cli_gateway.env, name)
     _, other_token = create_user(cli_gateway.env, other)
-    store_key(cli_gateway, token, cap=3)
+    store_key(cli_gateway, token)
     store_key(cli_gateway, other_token)
     until_every_worker_answered(cli_gateway, token, 200)
 
