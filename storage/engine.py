@@ -116,9 +116,12 @@ async def migrate(engine: AnyEngine) -> None:
 
 
 async def ping() -> None:
-    """One trivial query on the bound engine; ``StorageUnavailable`` when unreachable."""
+    """One cheap query that reads a table; ``StorageUnavailable`` when unreachable.
+
+    Not ``SELECT 1``: SQLite answers that without opening the file at all.
+    """
     with translate_errors():
-        await User.raw("SELECT 1").run()
+        await User.raw("SELECT 1 FROM users LIMIT 1").run()
 
 
 
