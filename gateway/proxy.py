@@ -22,6 +22,7 @@ from gateway.errors import (
     GatewayError,
     Overloaded,
     PayloadTooLarge,
+    ServerFault,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -107,6 +108,13 @@ class Proxy:
         except GatewayError as err:
             await _send_error(send, err)
             _access(method, path, user_id, err.status, started, 0, err.kind)
+            return
+        except Exception:
+            # Logged with its trace here; the client gets no trace, key or token.
+            log.exception("unexpected error before forwarding")
+            fault = ServerFault("Internal server error.")
+            await _send_error(send, fault)
+            _access(method, path, user_id, fault.status, started, 0, "internal_error")
             return
         await self._relay(
             send,
