@@ -294,6 +294,9 @@ def drive_load(
 
     sampler = gevent.spawn(sample_upstream)
     phase = plan.phase_seconds
+    # Users are spawned per phase rather than through runner.start(): start() spreads a
+    # count over the classes by weight and clears the stats whenever it starts again,
+    # where each phase needs exact counts per class and the run one set of figures.
     try:
         started = time.monotonic()
         runner.spawn_users(
