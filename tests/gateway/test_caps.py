@@ -404,11 +404,12 @@ async def test_granian_crash_loop_keeps_namespace_and_permits(
 
     async with held_streams(gateway, token, 3):
         victim = max(held_per_worker(gateway).items(), key=lambda item: item[1])[0]
+        before = set(_children(granian[0]))
         os.kill(victim, signal.SIGKILL)
         # Kill the respawned worker as soon as it appears: Granian calls that a crash loop.
         deadline = time.monotonic() + 10
         while True:
-            fresh = set(_children(granian[0])) - {victim} - set(held_per_worker(gateway))
+            fresh = set(_children(granian[0])) - before
             alive = [pid for pid in fresh if _is_worker(pid)]
             if alive:
                 os.kill(alive[0], signal.SIGKILL)
