@@ -444,3 +444,24 @@ def _is_worker(pid: int) -> bool:
         return b"Z" not in open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1][:3]
     except OSError:
         return False
+
+
+async def test_sigterm_of_a_worker_leaves_caps_exact(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """A worker stopped gracefully (as Granian's lifetime and max-RSS recycling do) with
+    streams in flight: its permits come back whichever way its streams end."""
+    gateway = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT="20")
+    cap = 6
+    token, _ = gateway.user_with_key("ivy", cap=cap)
+    async with held_streams(gateway, token, 4, query="?events=30&delay=0.1"):
+        victim, holds = max(held_per_worker(gateway).items(), key=lambda item: item[1])
+        assert holds > 0
+        os.kill(victim, signal.SIGTERM)
+        await wait_for(lambda: not _is_worker(victim), 15, "the worker to stop")
+    await wait_for(lambda: held_per_worker(gateway) == {}, 5, "every permit back")
+    state = gates(gateway)
+    assert state["global"].free == 20
+    assert next(iter(state["credential"].values())).free == cap
+    for _ in range(6):  # the respawned worker and the other one both serve
+        assert (await one_request(gateway, token)).status_code == 200
