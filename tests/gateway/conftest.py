@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from loadtests.fake_upstream import FakeUpstream
-from tests.fixtures.gateway import GatewayProcess, base_env, free_port, fresh_namespace
+from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, serving
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,5 @@ def shared_gateway(
             namespace=namespace,
             upstream_url=fake_upstream.url,
         )
-        gateway = GatewayProcess(env, free_port(), 2, tmp / "gateway.log")
-        try:
-            gateway.wait_ready()
+        with serving(env, workers=2, log_dir=tmp) as gateway:
             yield gateway
-        finally:
-            gateway.stop()

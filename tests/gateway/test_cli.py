@@ -26,7 +26,7 @@ import pytest
 from gateway.cli import main as cli_main
 from loadtests.fake_upstream import FakeUpstream
 from tests.fixtures.databases import _run_in_thread
-from tests.fixtures.gateway import GatewayProcess, base_env, free_port, fresh_namespace, run_cli
+from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, run_cli, serving
 
 GLOBAL_CAP = 64
 KEY_PATH = "/api/v1/me/anthropic-key"
@@ -45,12 +45,8 @@ def cli_gateway(
             upstream_url=fake_upstream.url,
         )
         env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(GLOBAL_CAP)
-        gateway = GatewayProcess(env, free_port(), 2, tmp / "gateway.log")
-        try:
-            gateway.wait_ready()
+        with serving(env, workers=2, log_dir=tmp) as gateway:
             yield gateway
-        finally:
-            gateway.stop()
 
 
 @pytest.fixture

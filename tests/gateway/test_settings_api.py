@@ -32,7 +32,7 @@ from tests.fixtures.databases import (
     _create_postgres_database,
     _run_in_thread,
 )
-from tests.fixtures.gateway import GatewayProcess, base_env, free_port, fresh_namespace
+from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, serving
 
 PATH = "/api/v1/me/anthropic-key"
 NOT_CONFIGURED = {"configured": False, "configured_at": None, "max_concurrent": None}
@@ -71,12 +71,8 @@ def api_gateway(
                 namespace=namespace,
                 upstream_url=fake_upstream.url,
             )
-            gateway = GatewayProcess(env, free_port(), 2, tmp / "gateway.log")
-            try:
-                gateway.wait_ready()
+            with serving(env, workers=2, log_dir=tmp) as gateway:
                 yield gateway
-            finally:
-                gateway.stop()
     finally:
         for name in dropped:
             _run_in_thread(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
