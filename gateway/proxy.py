@@ -20,6 +20,7 @@ from gateway.credentials import CredentialCache
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
+    InvalidRequest,
     Overloaded,
     PayloadTooLarge,
     ServerFault,
@@ -95,6 +96,16 @@ class Proxy:
             user_id = credential.user_id
             body = await self._read_body(receive, headers)
             try:
+                # Built before admission: nothing between the admit and the relay can raise.
+                request = self.runtime.upstream.request(
+                    method,
+                    url,
+                    headers=upstream_request_headers(headers, api_key=credential.api_key),
+                    body=body,
+                )
+            except httpx.InvalidURL as exc:
+                raise InvalidRequest(f"The request path is not a valid URL path: {exc}") from None
+            try:
                 admitted = self.runtime.gatekeeper.admit(credential.gate)
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
@@ -120,12 +131,7 @@ class Proxy:
             send,
             receive,
             permit=admitted,
-            request=self.runtime.upstream.request(
-                method,
-                url,
-                headers=upstream_request_headers(headers, api_key=credential.api_key),
-                body=body,
-            ),
+            request=request,
             method=method,
             path=path,
             user_id=str(user_id),
