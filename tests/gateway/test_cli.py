@@ -26,7 +26,7 @@ import pytest
 from gateway.cli import main as cli_main
 from loadtests.fake_upstream import FakeUpstream
 from tests.fixtures.databases import _run_in_thread
-from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, run_cli, serving
+from tests.fixtures.gateway import GatewayProcess, base_env, module_gateway, run_cli
 
 GLOBAL_CAP = 64
 KEY_PATH = "/api/v1/me/anthropic-key"
@@ -36,17 +36,12 @@ KEY_PATH = "/api/v1/me/anthropic-key"
 def cli_gateway(
     tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
 ) -> Iterator[GatewayProcess]:
-    tmp = tmp_path_factory.mktemp("cli-gateway")
-    with fresh_namespace() as namespace:
-        env = base_env(
-            tmp / "data",
-            database_url=f"sqlite:///{tmp / 'gateway.sqlite3'}",
-            namespace=namespace,
-            upstream_url=fake_upstream.url,
-        )
-        env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(GLOBAL_CAP)
-        with serving(env, workers=2, log_dir=tmp) as gateway:
-            yield gateway
+    with module_gateway(
+        tmp_path_factory.mktemp("cli-gateway"),
+        fake_upstream.url,
+        PROXY_MAX_GLOBAL_CONCURRENT=str(GLOBAL_CAP),
+    ) as gateway:
+        yield gateway
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from tests.fixtures.databases import (
     _create_postgres_database,
     _run_in_thread,
 )
-from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, serving
+from tests.fixtures.gateway import GatewayProcess, module_gateway
 
 PATH = "/api/v1/me/anthropic-key"
 NOT_CONFIGURED = {"configured": False, "configured_at": None, "max_concurrent": None}
@@ -64,15 +64,8 @@ def api_gateway(
         dropped.append(name)
         database_url = urlsplit(server_url)._replace(path=f"/{name}").geturl()
     try:
-        with fresh_namespace() as namespace:
-            env = base_env(
-                tmp / "data",
-                database_url=database_url,
-                namespace=namespace,
-                upstream_url=fake_upstream.url,
-            )
-            with serving(env, workers=2, log_dir=tmp) as gateway:
-                yield gateway
+        with module_gateway(tmp, fake_upstream.url, database_url=database_url) as gateway:
+            yield gateway
     finally:
         for name in dropped:
             _run_in_thread(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
