@@ -237,7 +237,13 @@ class Proxy:
         except GatewayError as err:
             status, outcome = err.status, err.kind
             permit.release()
-            await _send_error(send, err)
+            try:
+                await _send_error(send, err)
+            except asyncio.CancelledError:
+                if not client_left:
+                    raise
+                task.uncancel()
+                outcome = "client_disconnected"
         except asyncio.CancelledError:
             if not client_left:
                 raise
