@@ -1,0 +1,205 @@
+"""The gateway's pure functions: header rules, upstream URLs and traversal, settings."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.errors import InvalidRequest, error_body
+from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
+from gateway.paths import has_traversal, upstream_url
+from gateway.settings import (
+    Secret,
+    Settings,
+    SettingsError,
+    default_namespace,
+    namespace_prefix,
+    parse_global_cap,
+)
+from ipc.naming import validate_namespace
+
+# -- headers ----------------------------------------------------------------------------
+
+
+def test_request_headers_keep_the_allow_list_and_inject_the_key() -> None:
+    client = [
+        (b"Accept", b"application/json"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"a,b"),
+        (b"content-type", b"application/json"),
+        (b"user-agent", b"sdk/1"),
+        (b"authorization", b"Bearer gwt_x"),
+        (b"x-api-key", b"gwt_x"),
+        (b"cookie", b"a=b"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"connection", b"keep-alive"),
+        (b"host", b"gateway"),
+    ]
+    out = upstream_request_headers(client, api_key="sk-ant-test-1")
+    assert out == [
+        ("Accept", "application/json"),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "a,b"),
+        ("content-type", "application/json"),
+        ("user-agent", "sdk/1"),
+        ("x-api-key", "sk-ant-test-1"),
+    ]
+
+
+def test_response_headers_keep_content_ids_retry_hints_and_anthropic_ones() -> None:
+    upstream = [
+        (b"Content-Type", b"text/event-stream"),
+        (b"request-id", b"req_1"),
+        (b"anthropic-ratelimit-requests-remaining", b"9"),
+        (b"retry-after", b"3"),
+        (b"x-should-retry", b"true"),
+        (b"set-cookie", b"cdn=1"),
+        (b"connection", b"keep-alive"),
+        (b"transfer-encoding", b"chunked"),
+        (b"content-length", b"12"),
+        (b"server", b"cdn"),
+    ]
+    assert client_response_headers(upstream) == [
+        (b"content-type", b"text/event-stream"),
+        (b"request-id", b"req_1"),
+        (b"anthropic-ratelimit-requests-remaining", b"9"),
+        (b"retry-after", b"3"),
+        (b"x-should-retry", b"true"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "token"),
+    [
+        ([(b"x-api-key", b"gwt_a")], "gwt_a"),
+        ([(b"authorization", b"Bearer gwt_b")], "gwt_b"),
+        ([(b"authorization", b"bearer  gwt_c ")], "gwt_c"),
+        ([(b"authorization", b"Bearer gwt_b"), (b"x-api-key", b"gwt_a")], "gwt_a"),
+        ([(b"authorization", b"Basic abc")], None),
+        ([(b"x-api-key", b"  ")], None),
+        ([], None),
+    ],
+)
+def test_gateway_token(headers: list[tuple[bytes, bytes]], token: str | None) -> None:
+    assert gateway_token(headers) == token
+
+
+def test_error_body_is_the_anthropic_envelope() -> None:
+    assert error_body("overloaded_error", "busy") == (
+        b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
+    )
+
+
+# -- paths ------------------------------------------------------------------------------
+
+
+def test_upstream_url_keeps_path_and_query_verbatim() -> None:
+    assert (
+        upstream_url("https://api", b"/v1/files/a%3Fb%2Fc", b"x=%2F&y=a+b")
+        == "https://api/v1/files/a%3Fb%2Fc?x=%2F&y=a+b"
+    )
+    assert upstream_url("https://api", b"/v1/messages", b"") == "https://api/v1/messages"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/../x",
+        b"/v1/%2e%2e/x",
+        b"/v1/%2E%2e/x",
+        b"/v1/a/%252e%252e/b",
+        b"/v1/a%2F..%2Fb",
+        b"/v1/a\\..\\b",
+        b"/v1/..",
+    ],
+)
+def test_traversal_is_refused(path: bytes) -> None:
+    assert has_traversal(path)
+    with pytest.raises(InvalidRequest):
+        upstream_url("https://api", path, b"")
+
+
+@pytest.mark.parametrize("path", [b"/v1/messages", b"/v1/a..b", b"/v1/...", b"/v1/.x", b"/v1/%2e"])
+def test_dots_that_are_not_a_parent_segment_pass(path: bytes) -> None:
+    assert not has_traversal(path)
+
+
+_segment = st.text(
+    alphabet=st.characters(blacklist_characters="/\\%", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=12,
+).filter(lambda s: s != "..")
+
+
+@given(st.lists(_segment, min_size=1, max_size=5), st.integers(0, 5), st.integers(0, 2))
+def test_any_encoding_of_a_parent_segment_is_found(
+    segments: list[str], where: int, times: int
+) -> None:
+    dots = "%2e%2e" if times else ".."
+    for _ in range(times - 1):
+        dots = quote(dots, safe="")  # %2e -> %252e -> %25252e
+    parts = [quote(s, safe="") for s in segments]
+    parts.insert(min(where, len(parts)), dots)
+    assert has_traversal(("/v1/" + "/".join(parts)).encode())
+
+
+@given(st.lists(_segment, min_size=1, max_size=5))
+def test_paths_without_a_parent_segment_pass(segments: list[str]) -> None:
+    assert not has_traversal(("/v1/" + "/".join(quote(s, safe="") for s in segments)).encode())
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "cap"), [(None, None), ("64", 64), (" 8 ", 8)])
+def test_global_cap(raw: str | None, cap: int | None) -> None:
+    assert parse_global_cap(raw) == cap
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "", "many", "1.5"])
+def test_invalid_global_cap_warns_and_means_none(
+    raw: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.settings"):
+        assert parse_global_cap(raw) is None
+    assert "running without a global cap" in caplog.text
+
+
+def test_default_namespace_differs_by_database_and_port_and_is_valid(tmp_path: object) -> None:
+    a = default_namespace("sqlite:////srv/a/gateway.sqlite3", 8080)
+    b = default_namespace("sqlite:////srv/b/gateway.sqlite3", 8080)
+    c = default_namespace("sqlite:////srv/a/gateway.sqlite3", 8081)
+    d = default_namespace("postgresql://u:secret@db:5432/gw", 8080)
+    assert len({a, b, c, d}) == 4
+    for namespace in (a, b, c, d):
+        assert validate_namespace(namespace) == namespace
+    assert a.startswith(namespace_prefix("sqlite:////srv/a/gateway.sqlite3"))
+    assert c.startswith(namespace_prefix("sqlite:////srv/a/gateway.sqlite3"))
+    # the password is not part of the database's identity
+    assert d == default_namespace("postgresql://u:other@db:5432/gw", 8080)
+
+
+def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
+    settings = Settings.from_env({"GATEWAY_DATA_DIR": "/srv/gw"})
+    assert settings.database_url == "sqlite:////srv/gw/gateway.sqlite3"
+    assert settings.upstream_url == "https://api.anthropic.com"
+    assert settings.upstream_read_timeout == 600.0
+    assert settings.max_global_concurrent is None
+    assert settings.ipc_namespace == default_namespace(settings.database_url, 8080)
+    with pytest.raises(SettingsError, match="GATEWAY_DATABASE_URL"):
+        Settings.from_env({"GATEWAY_DATABASE_URL": "mysql://x"})
+    with pytest.raises(SettingsError, match="GATEWAY_PORT"):
+        Settings.from_env({"GATEWAY_PORT": "http"})
+    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT"):
+        Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "-3"})
+
+
+def test_secrets_never_print() -> None:
+    secret = Secret("c2VjcmV0")
+    settings = Settings.from_env({"GATEWAY_MASTER_KEY": "c2VjcmV0"})
+    assert "c2VjcmV0" not in repr(secret) + str(secret) + repr(settings)
+    assert secret.reveal() == "c2VjcmV0"
