@@ -75,7 +75,7 @@ class Launcher:
     def run(self) -> int:
         settings = self.settings
         asyncio.run(prepare_database(settings))
-        resolve_master_key(settings, create=True)
+        resolve_master_key(settings)
         with NamespaceClaim(settings.ipc_namespace, global_cap=settings.max_global_concurrent):
             reaper = Reaper(settings.ipc_namespace)
             reaper.start()

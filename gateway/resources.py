@@ -19,8 +19,9 @@ from storage.repository import KeyChange
 log = logging.getLogger("gateway.resources")
 
 
-def resolve_master_key(settings: Settings, *, create: bool = False) -> MasterKey:
-    """GATEWAY_MASTER_KEY, or for the zero-configuration SQLite default a key file."""
+def resolve_master_key(settings: Settings) -> MasterKey:
+    """GATEWAY_MASTER_KEY, or for the zero-configuration SQLite default a key file
+    (created by the launcher on first start, read by the workers)."""
     if settings.master_key is not None:
         return MasterKey.from_base64(settings.master_key.reveal())
     if not settings.is_sqlite:
@@ -28,12 +29,12 @@ def resolve_master_key(settings: Settings, *, create: bool = False) -> MasterKey
             "GATEWAY_MASTER_KEY is required with PostgreSQL: generate one with "
             "`gateway keygen` and keep it safe"
         )
-    path = settings.master_key_file
-    if not create and not path.exists():
-        raise MasterKeyError(f"master key file {path} is missing; run `gateway migrate` first")
-    key, created = load_or_create_master_key_file(path)
+    key, created = load_or_create_master_key_file(settings.master_key_file)
     if created:
-        log.warning("created a new master key file %s (mode 0600): back it up", path)
+        log.warning(
+            "created a new master key file %s (mode 0600): back it up",
+            settings.master_key_file,
+        )
     return key
 
 
@@ -49,7 +50,7 @@ class WorkerResources(ProxyRuntime):
         self.engine = create_engine(settings.database_url)
         bind_engine(self.engine)
         await open_engine(self.engine)
-        self.master_key = resolve_master_key(settings, create=True)
+        self.master_key = resolve_master_key(settings)
         self.ledger = Ledger(settings.ipc_namespace)
         try:
             self.gatekeeper = Gatekeeper(
