@@ -11,9 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from piccolo.apps.migrations.commands.forwards import run_forwards
 from piccolo.apps.migrations.tables import Migration
-from piccolo.conf.apps import AppRegistry, Finder
 from piccolo.engine.base import Engine
 from piccolo.engine.postgres import PostgresEngine
 from piccolo.engine.sqlite import SQLiteEngine
@@ -58,14 +56,15 @@ def create_engine(url: str) -> AnyEngine:
 
 
 def bind_engine(engine: AnyEngine) -> None:
-    """Point every table, and Piccolo's own lookups (``engine_finder``), at ``engine``."""
+    """Point every table at ``engine`` (``migrate`` also points Piccolo's own lookups)."""
     tables: tuple[type[Table], ...] = (*TABLES, Migration)
     for table in tables:
         table._meta.db = engine
-    _piccolo_conf_module().DB = engine  # type: ignore[attr-defined]
 
 
 def _piccolo_conf_module() -> types.ModuleType:
+    from piccolo.conf.apps import AppRegistry, Finder  # heavy (imports black): only here
+
     # Piccolo's migration machinery finds the engine and app registry by importing
     # piccolo_conf (or $PICCOLO_CONF). An installed `gateway` command cannot import the
     # repository's piccolo_conf.py (it is not part of the package), so then a stand-in
@@ -104,7 +103,13 @@ async def close_engine(engine: AnyEngine) -> None:
 
 async def migrate(engine: AnyEngine) -> None:
     """Bind ``engine`` and apply the storage app's pending migrations; idempotent."""
+    # Imported here: Piccolo's migration commands pull in black and friends (about 9 MB),
+    # which the workers, who never migrate, need not carry.
+    from piccolo.apps.migrations.commands.forwards import run_forwards
+
     bind_engine(engine)
+    # Piccolo's migration machinery finds its engine through engine_finder (piccolo_conf).
+    _piccolo_conf_module().DB = engine  # type: ignore[attr-defined]
     # Piccolo reports progress with print(); keep stdout clean and log it instead.
     out = io.StringIO()
     with translate_errors(), contextlib.redirect_stdout(out):
