@@ -133,7 +133,7 @@ async def burst(
 
 
 def worker_pids_in_log(gateway: GatewayProcess) -> set[int]:
-    entries = [json.loads(line) for line in gateway.logs().splitlines() if line.startswith("{")]
+    entries = gateway.log_records()
     return {e["pid"] for e in entries if e.get("logger") == "gateway.access"}
 
 
@@ -175,7 +175,7 @@ async def test_per_credential_cap_is_exact_across_workers(
     # The upstream's own count: never more than the cap in flight for this key.
     assert fake_upstream.stats()["keys"][key]["max_in_flight"] == cap
     assert (await one_request(gateway, token)).status_code == 200
-    logged = [json.loads(line) for line in gateway.logs().splitlines() if line.startswith("{")]
+    logged = gateway.log_records()
     warning = next(e for e in logged if e.get("reason") == "per_credential_cap")
     assert warning["cap_value"] == cap
     assert warning["path"] == "/v1/messages"

@@ -8,7 +8,6 @@ gateway (SQLite, with a global cap so that `caps` has both scopes to show).
 from __future__ import annotations
 
 import base64
-import json
 import re
 import sqlite3
 import time
@@ -107,21 +106,10 @@ def store_key(gateway: GatewayProcess, token: str, *, cap: int | None = None) ->
     return key
 
 
-def log_records(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    records = []
-    for line in gateway.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def answers_by_worker(gateway: GatewayProcess, marker: str) -> dict[int, set[int]]:
     """Statuses each worker pid logged for proxied paths that start with ``marker``."""
     out: dict[int, set[int]] = {}
-    for record in log_records(gateway):
+    for record in gateway.log_records():
         if str(record.get("path", "")).startswith(marker):
             out.setdefault(int(record["pid"]), set()).add(int(record["status"]))
     return out

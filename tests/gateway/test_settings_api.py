@@ -551,17 +551,6 @@ def test_the_database_holds_no_plaintext_key_or_token(api_gateway: GatewayProces
             _assert_absent(secret, stored, url.split(":", 1)[0])
 
 
-def _log_records(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    records = []
-    for line in gateway.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def test_the_log_never_contains_a_key_or_a_token(api_gateway: GatewayProcess) -> None:
     name = f"s{uuid.uuid4().hex[:10]}"
     created = api_gateway.cli("users", "create", name).stdout
@@ -587,10 +576,10 @@ def test_the_log_never_contains_a_key_or_a_token(api_gateway: GatewayProcess) ->
     # The proxied request's access line is written once its response has gone out;
     # wait for it, so that everything before it has reached the log too.
     deadline = time.monotonic() + 10
-    while not any(r.get("path") == marker for r in _log_records(api_gateway)):
+    while not any(r.get("path") == marker for r in api_gateway.log_records()):
         assert time.monotonic() < deadline, "the proxied request was never logged"
         time.sleep(0.05)
-    access = next(r for r in _log_records(api_gateway) if r.get("path") == marker)
+    access = next(r for r in api_gateway.log_records() if r.get("path") == marker)
     assert access["user_id"] == user_id.group(1)
     text = api_gateway.log_path.read_text(errors="replace")
     for secret in (key, token):
