@@ -14,7 +14,7 @@ from types import FrameType
 import msgspec
 
 from gateway.resources import resolve_master_key
-from gateway.settings import GranianOptions, Settings
+from gateway.settings import GranianOptions, Settings, namespace_prefix
 from ipc.namespace import NamespaceClaim
 from ipc.reaper import Reaper, reap_once
 from storage.engine import connected
@@ -76,7 +76,11 @@ class Launcher:
         settings = self.settings
         asyncio.run(prepare_database(settings))
         resolve_master_key(settings)
-        with NamespaceClaim(settings.ipc_namespace, global_cap=settings.max_global_concurrent):
+        with NamespaceClaim(
+            settings.ipc_namespace,
+            global_cap=settings.max_global_concurrent,
+            tag=namespace_prefix(settings.database_url),
+        ):
             reaper = Reaper(settings.ipc_namespace)
             reaper.start()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -17,6 +17,7 @@ from ipc.naming import (
     generation_name,
     global_gate_name,
     list_ledgers,
+    list_lock_files,
     list_namespaces,
     list_semaphores,
     lock_path,
@@ -30,9 +31,12 @@ log = logging.getLogger("ipc.namespace")
 class NamespaceClaim:
     """Held by ``gateway serve`` for its whole life; workers only open what it created."""
 
-    def __init__(self, namespace: str, *, global_cap: int | None) -> None:
+    def __init__(self, namespace: str, *, global_cap: int | None, tag: str = "") -> None:
         self.namespace = validate_namespace(namespace)
         self.global_cap = global_cap
+        # Written into the lock file, so tools can find this namespace by what it serves
+        # (the gateway tags it with its database) even when its name was set by hand.
+        self.tag = tag
         self._lock_fd: int | None = None
 
     def __enter__(self) -> NamespaceClaim:
@@ -56,7 +60,7 @@ class NamespaceClaim:
                 + "; stop it first, or set GATEWAY_IPC_NAMESPACE to run a second gateway"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{self.tag}\n".encode())
         self._lock_fd = fd
         stale = purge(self.namespace)
         if stale:
@@ -114,11 +118,25 @@ def bump_generation(namespace: str) -> bool:
 
 
 def bump_generations(prefix: str, *, explicit: str | None = None) -> list[str]:
-    """Bump ``explicit`` and every namespace whose name starts with ``prefix``."""
-    names = set(list_namespaces(prefix))
+    """Bump ``explicit``, every namespace whose name starts with ``prefix``, and every
+    namespace whose launcher tagged it with ``prefix``."""
+    names = set(list_namespaces(prefix)) | set(tagged_namespaces(prefix))
     if explicit:
         names.add(explicit)
     return sorted(ns for ns in names if bump_generation(ns))
+
+
+def tagged_namespaces(tag: str) -> list[str]:
+    """Namespaces whose launcher's lock file carries ``tag``."""
+    found = []
+    for entry in list_lock_files():
+        try:
+            lines = entry.read_text().splitlines()
+        except OSError:
+            continue
+        if len(lines) >= 2 and lines[1] == tag:
+            found.append(entry.name.removesuffix(".lock"))
+    return sorted(found)
 
 
 class GateUsage(msgspec.Struct, frozen=True):
@@ -175,6 +193,6 @@ def held_by_ledgers(namespace: str) -> dict[str, int]:
 def _read_pid(path: os.PathLike[str]) -> str:
     try:
         with open(path) as fh:
-            return fh.read().strip()
+            return fh.readline().strip()
     except OSError:
         return ""

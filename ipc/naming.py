@@ -101,6 +101,10 @@ def list_ledgers(namespace: str) -> list[str]:
     return sorted("/" + p.name for p in _shm_entries() if p.name.startswith(prefix))
 
 
+def list_lock_files() -> list[Path]:
+    return sorted(p for p in _shm_entries() if p.name.endswith(".lock"))
+
+
 def list_namespaces(prefix: str) -> list[str]:
     """Namespaces with a live change counter whose name starts with ``prefix``."""
     found = set()

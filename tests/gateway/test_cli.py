@@ -447,3 +447,17 @@ def test_caps_with_no_running_gateway_says_so(tmp_path: Path, ipc_namespace: str
         table.stdout.strip() == f"no gates in namespace {ipc_namespace} (is the gateway running?)"
     )
     assert run_cli(env, "caps", "--json").stdout == ""
+
+
+def test_revoke_reaches_a_gateway_whose_namespace_was_set_by_hand(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """The operator's shell lacks GATEWAY_IPC_NAMESPACE: the launcher's tag still finds it."""
+    gateway = start_gateway(workers=2)
+    token = gateway.create_user("nina")
+    store_key(gateway, token)
+    until_every_worker_answered(gateway, token, 200)  # both workers cache the credential
+    token_id = gateway.cli("tokens", "list", "nina").stdout.split()[0]
+    env = {k: v for k, v in gateway.env.items() if k != "GATEWAY_IPC_NAMESPACE"}
+    run_cli(env, "tokens", "revoke", token_id)
+    until_every_worker_answered(gateway, token, 401)
