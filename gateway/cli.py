@@ -120,7 +120,7 @@ def serve(
     """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
     from gateway.launcher import Launcher
 
-    settings = _settings(host=host, port=port, workers=workers)
+    settings = _settings(host=host, port=port)
     configure_logging(settings.log_level)
     options = GranianOptions(
         host=host,

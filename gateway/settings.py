@@ -46,7 +46,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ipc_namespace: str
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
     retry_after_seconds: int = 1
     log_level: str = "INFO"
 
@@ -112,12 +111,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ipc_namespace=namespace,
             host=str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1"),
             port=port,
-            workers=_int(
-                overrides.get("workers") or env.get("GATEWAY_WORKERS"),
-                "GATEWAY_WORKERS",
-                os.cpu_count() or 1,
-                lo=1,
-            ),
             retry_after_seconds=_int(
                 env.get("GATEWAY_RETRY_AFTER"), "GATEWAY_RETRY_AFTER", 1, lo=0
             ),

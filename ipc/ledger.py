@@ -140,22 +140,11 @@ class Ledger:
 
 def read_ledger(name: str, *, with_holdings: bool = True) -> LedgerSnapshot | None:
     """Read a ledger by name; None when it is gone or not a ledger."""
-    try:
-        shm = posix_ipc.SharedMemory(name)
-    except posix_ipc.ExistentialError:
-        return None
-    size = shm.size  # read before close_fd: size fails afterwards
-    try:
-        if size < _HEADER.size:
+    with _mapped(name, locked=False) as found:
+        if found is None:
             return None
-        with mmap.mmap(shm.fd, size) as view:
-            header = _header(view, size)
-            if header is None:
-                return None
-            pid, start, slots = header
-            holdings = list(_holdings(view, slots)) if with_holdings else []
-    finally:
-        shm.close_fd()
+        view, (pid, start, slots) = found
+        holdings = list(_holdings(view, slots)) if with_holdings else []
     return LedgerSnapshot(ledger=name, pid=pid, start_time=start, holdings=holdings)
 
 
@@ -166,25 +155,37 @@ def drain_dead_ledger(name: str) -> dict[str, int] | None:
     process lives. Runs under the ledger's lock and re-checks the owner under it, so a
     new process that took over the pid (and the ledger) is never mistaken for the dead one.
     """
+    with _mapped(name, locked=True) as found:
+        if found is None:
+            return None
+        view, (pid, start, slots) = found
+        if process_start_time(pid) == start:
+            return None
+        returned = _give_back(view, slots)
+        unlink_ledger(name)  # still under the lock: no one drains it twice
+    return returned
+
+
+@contextlib.contextmanager
+def _mapped(
+    name: str, *, locked: bool
+) -> Iterator[tuple[mmap.mmap, tuple[int, int, int]] | None]:
+    """The ledger mapped with its header (pid, start time, slots); None if not a ledger."""
     try:
         shm = posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
-        return None
+        yield None
+        return
     try:
-        fcntl.flock(shm.fd, fcntl.LOCK_EX)
-        size = shm.size
+        if locked:
+            fcntl.flock(shm.fd, fcntl.LOCK_EX)  # released when the fd closes
+        size = shm.size  # read before close_fd: size fails afterwards
         if size < _HEADER.size:
-            return None
+            yield None
+            return
         with mmap.mmap(shm.fd, size) as view:
             header = _header(view, size)
-            if header is None:
-                return None
-            pid, start, slots = header
-            if process_start_time(pid) == start:
-                return None
-            returned = _give_back(view, slots)
-        unlink_ledger(name)
-        return returned
+            yield None if header is None else (view, header)
     finally:
         shm.close_fd()
 
