@@ -233,6 +233,10 @@ class Proxy:
             outcome = await (
                 _relay_sse(response, send, tally) if sse else _relay_raw(response, send, tally)
             )
+            # The whole upstream body is relayed: give the slot back before the client can
+            # see the end of its response, so a client that sends its next request the
+            # moment this one ends is never refused by its own finished stream.
+            permit.release()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except GatewayError as err:
             status, outcome = err.status, err.kind

@@ -263,6 +263,40 @@ async def test_permit_comes_back(
         assert (await one_request(gateway, token)).status_code == 200
 
 
+async def test_a_client_that_saw_its_response_end_is_admitted_at_once(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """Cap 1, back to back, several users at once: the slot is free before the client
+    sees the end of its body, so a sequential client is never refused by its own
+    finished request (keep-alive or a fresh connection, streaming or not)."""
+    users, rounds = 6, 40
+    gateway = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT=str(users))
+    tokens = {}
+    for i in range(users):
+        token, _ = gateway.user_with_key(f"carla{i}", cap=1)
+        tokens[user_id_of(gateway, token)] = token
+
+    async def sequential(user_id: str, token: str) -> list[tuple[int, int]]:
+        seen = []
+        async with httpx.AsyncClient(timeout=30) as kept_alive:
+            for round_ in range(rounds):
+                body = {**STREAM, "stream": round_ % 2 == 0}
+                fresh = round_ % 4 >= 2
+                client = httpx.AsyncClient(timeout=30) if fresh else kept_alive
+                response = await client.post(
+                    f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": token}
+                )
+                if fresh:
+                    await client.aclose()
+                # the gateway's own semaphore agrees with what the client saw, at once
+                seen.append((response.status_code, gates(gateway)["credential"][user_id].free))
+        return seen
+
+    results = await asyncio.gather(*(sequential(u, t) for u, t in tokens.items()))
+    assert results == [[(200, 1)] * rounds] * users
+    assert gates(gateway)["global"].free == users
+
+
 async def test_cap_change_reaches_every_worker_at_once(
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
