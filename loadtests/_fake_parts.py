@@ -21,6 +21,7 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=3600)]
 class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     events: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 5
     delay: Seconds = 0.0
+    eager: bool = False
     first_delay: Seconds = 0.0
     stall_before_headers: Seconds = 0.0
     stall: Seconds = 0.0
@@ -35,6 +36,7 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
 BEHAVIOUR_HELP: Final = {
     "events": "text deltas in a stream; words in a non-streamed message",
     "delay": "seconds to pause before each text delta (a stream lasts about events x delay)",
+    "eager": "1 sends the first text delta with message_start, at once; delay paces the rest",
     "first_delay": "seconds to pause before the response headers",
     "stall_before_headers": "the same pause as first_delay, named for a stalled upstream",
     "stall": "seconds to stall after the headers and the first event "

@@ -252,6 +252,8 @@ async def _stream(
     response = _HeadersWithFirstWrite(headers=headers)
     await response.prepare(request)
     first_delta, after_deltas = FRAMES_BEFORE_DELTAS, len(frames) - FRAMES_AFTER_DELTAS
+    if how.eager:
+        first_delta += 1
     pending: list[bytes] = []  # frames with no pause between them go out in one write
     for index, frame in enumerate(frames):
         if index == how.cut_after:

@@ -144,6 +144,23 @@ def test_sdk_streams_text_as_it_comes(sdk: anthropic.Anthropic) -> None:
     assert final.usage.output_tokens == 5
 
 
+def test_eager_sends_the_first_delta_with_message_start(sdk: anthropic.Anthropic) -> None:
+    started = time.monotonic()
+    arrivals: list[float] = []
+    with sdk.messages.stream(
+        model="claude-test",
+        max_tokens=16,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_query={"events": 2, "delay": 1.0, "eager": 1},
+    ) as stream:
+        for _ in stream.text_stream:
+            arrivals.append(time.monotonic() - started)
+
+    # Only the second delta waits its pause: the first is out before a pause has passed.
+    assert len(arrivals) == 2
+    assert arrivals[0] < 0.9 < arrivals[1]
+
+
 def test_sdk_counts_tokens_and_pages_models(sdk: anthropic.Anthropic) -> None:
     counted = sdk.messages.count_tokens(
         model="claude-test", messages=[{"role": "user", "content": "hello there"}]
