@@ -12,9 +12,13 @@ a global cap and per-credential caps of 256 over several users), then measures:
   concurrency, through the gateway (with and without the global cap) and direct, with
   ``wrk`` when installed (a Python client saturates before the gateway does);
 - ttfb: added time to first byte at low load (sequential requests), median and p99;
-- sse: time to first event and whole-stream time at 100..2,000 concurrent streams held
-  about a second each, through the gateway and direct; the largest level at which every
-  stream completes with p99 stream time within 1.5x direct;
+- sse, steady: 100..2,000 streams open at every moment (a closed loop of N clients,
+  each stream about a second), through the gateway and direct: time to the first text
+  delta (which the fake sends at once) and whole-stream time; the largest level at which
+  every stream completes with p99 stream time within 1.5x direct, and the largest with
+  p99 first delta within 250 ms;
+- sse, burst: 1,000 and 2,000 streams started at the same instant (the harshest case:
+  the last one waits for every one before it);
 - memory: resident memory per worker at idle and with 1,000 open streams.
 
 Figures are printed, never asserted. Results of a run live in ``loadtests/RESULTS.md``.
@@ -32,18 +36,21 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import click
 import httpx
+import uvloop
 
 from loadtests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = b'{"model":"claude-bench","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
+T = TypeVar("T")
 STREAM_MESSAGE = (
     b'{"model":"claude-bench","max_tokens":16,"stream":true,'
     b'"messages":[{"role":"user","content":"hi"}]}'
@@ -268,64 +275,116 @@ async def sequential_ttfb(url: str, token: str, count: int) -> list[float]:
     return out
 
 
-async def sse_level(
-    url: str, tokens: list[str], *, streams: int, events: int, delay: float
+class _SseTally:
+    """What one SSE level saw, stream by stream."""
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+        self.first_delta: list[float] = []
+        self.whole: list[float] = []
+        self.failed = 0
+
+    def row(self, streams: int, seconds: float | None = None) -> dict[str, float]:
+        return {
+            "streams": streams,
+            "completed": len(self.whole),
+            "failed": self.failed,
+            "per_s": len(self.whole) / seconds if seconds else float("nan"),
+            "first_p50_ms": _pct(self.first, 50) * 1000,
+            "first_p99_ms": _pct(self.first, 99) * 1000,
+            "delta_p50_ms": _pct(self.first_delta, 50) * 1000,
+            "delta_p99_ms": _pct(self.first_delta, 99) * 1000,
+            "stream_p50_ms": _pct(self.whole, 50) * 1000,
+            "stream_p99_ms": _pct(self.whole, 99) * 1000,
+        }
+
+
+async def _one_stream(
+    session: aiohttp.ClientSession, url: str, token: str, tally: _SseTally, *, record: bool
+) -> None:
+    """One streamed message, read as it arrives; times to first event, first delta, end."""
+    headers = {"x-api-key": token, "content-type": "application/json"}
+    started = time.perf_counter()
+    first = first_delta = 0.0
+    tail = b""
+    try:
+        async with session.post(url, data=STREAM_MESSAGE, headers=headers) as response:
+            if response.status != 200:
+                tally.failed += 1
+                await response.read()
+                return
+            async for chunk in response.content.iter_any():
+                if not first:
+                    first = time.perf_counter() - started
+                if not first_delta and b"content_block_delta" in tail[-32:] + chunk:
+                    first_delta = time.perf_counter() - started
+                tail = (tail + chunk)[-64:]
+    except (aiohttp.ClientError, TimeoutError):
+        tally.failed += 1
+        return
+    if not tail.rstrip().endswith(b'{"type":"message_stop"}'):
+        tally.failed += 1
+        return
+    if record:
+        tally.first.append(first)
+        tally.first_delta.append(first_delta)
+        tally.whole.append(time.perf_counter() - started)
+
+
+def _sse_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    )
+
+
+async def sse_steady(
+    url: str, tokens: list[str], *, streams: int, seconds: float, query: str, length: float
 ) -> dict[str, float]:
-    """``streams`` SSE streams at once; time to first event and whole-stream time."""
-    first: list[float] = []
-    first_delta: list[float] = []
-    whole: list[float] = []
-    failed = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=120)
+    """About ``streams`` SSE streams open at every moment, for ``seconds``.
+
+    A closed loop, as ``wrk -c N`` is for requests: ``streams`` clients, each starting its
+    next stream when the last one ends, on a kept-alive connection. Their first starts are
+    spread over one stream ``length``, so the load is steady rather than one herd; only
+    streams started after that ramp are timed, and every stream must complete.
+    """
+    tally = _SseTally()
+    target = f"{url}/v1/messages{query}"
+    async with _sse_session() as session:
+        began = time.perf_counter()
+        measure_from, stop_at = began + length, began + length + seconds
+
+        async def client(index: int) -> None:
+            await asyncio.sleep(length * index / streams)
+            token = tokens[index % len(tokens)]
+            while (now := time.perf_counter()) < stop_at:
+                await _one_stream(session, target, token, tally, record=now >= measure_from)
+
+        await asyncio.gather(*(client(i) for i in range(streams)))
+    return tally.row(streams, seconds)
+
+
+async def sse_burst(url: str, tokens: list[str], *, streams: int, query: str) -> dict[str, float]:
+    """``streams`` SSE streams started at the same instant, each on its own connection."""
+    tally = _SseTally()
+    target = f"{url}/v1/messages{query}"
     gate = asyncio.Event()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _sse_session() as session:
 
         async def one(index: int) -> None:
-            nonlocal failed
-            headers = {"x-api-key": tokens[index % len(tokens)], "content-type": "application/json"}
             await gate.wait()
-            started = time.perf_counter()
-            try:
-                async with session.post(
-                    f"{url}/v1/messages?events={events}&delay={delay}",
-                    data=STREAM_MESSAGE,
-                    headers=headers,
-                ) as response:
-                    if response.status != 200:
-                        failed += 1
-                        await response.read()
-                        return
-                    body = b""
-                    seen_delta = False
-                    async for chunk in response.content.iter_any():
-                        if not body:
-                            first.append(time.perf_counter() - started)
-                        body += chunk
-                        if not seen_delta and b"content_block_delta" in body:
-                            first_delta.append(time.perf_counter() - started)
-                            seen_delta = True
-                    if not body.rstrip().endswith(b'{"type":"message_stop"}'):
-                        failed += 1
-                        return
-                    whole.append(time.perf_counter() - started)
-            except (aiohttp.ClientError, TimeoutError):
-                failed += 1
+            await _one_stream(session, target, tokens[index % len(tokens)], tally, record=True)
 
         tasks = [asyncio.create_task(one(i)) for i in range(streams)]
         await asyncio.sleep(0.2)
         gate.set()
         await asyncio.gather(*tasks)
-    return {
-        "streams": streams,
-        "completed": len(whole),
-        "failed": failed,
-        "first_p50_ms": _pct(first, 50) * 1000,
-        "first_p99_ms": _pct(first, 99) * 1000,
-        "delta_p99_ms": _pct(first_delta, 99) * 1000,
-        "stream_p50_ms": _pct(whole, 50) * 1000,
-        "stream_p99_ms": _pct(whole, 99) * 1000,
-    }
+    return tally.row(streams)
+
+
+def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The load generator on uvloop, as the workers are: the client is not the bottleneck."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
 
 
 async def memory_at(
@@ -411,7 +470,7 @@ def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, sec
             print("\n## memory: resident MiB per worker (a fresh gateway), with N open streams")
             print(f"  idle          {', '.join(f'{m:.0f}' for m in fresh_rss(fresh))}")
             for streams in [500] if quick else [1000, 2000]:
-                _idle, loaded = asyncio.run(memory_at(fresh, tokens[:-1], streams))
+                _idle, loaded = run_client(memory_at(fresh, tokens[:-1], streams))
                 print(f"  {streams:>5} open    {', '.join(f'{m:.0f}' for m in loaded)}")
 
 
@@ -431,7 +490,7 @@ def measure_traffic(
             def measure(url: str, tok: str) -> dict[str, float]:
                 if have_wrk:
                     return wrk_json(url, tok, concurrency=concurrency, seconds=seconds)
-                return asyncio.run(python_json(url, tok, concurrency=concurrency, seconds=seconds))
+                return run_client(python_json(url, tok, concurrency=concurrency, seconds=seconds))
 
             direct = measure(up.url, "sk-ant-test-direct")
             rows = [
@@ -449,8 +508,8 @@ def measure_traffic(
                 )
         if "ttfb" in parts:
             count = 100 if quick else 400
-            direct_t = asyncio.run(sequential_ttfb(up.url, "sk-ant-test-direct", count))
-            gateway_t = asyncio.run(sequential_ttfb(capped.url, token, count))
+            direct_t = run_client(sequential_ttfb(up.url, "sk-ant-test-direct", count))
+            gateway_t = run_client(sequential_ttfb(capped.url, token, count))
             print(f"\n## ttfb: time to first byte at low load, {count} sequential SSE requests")
             print(
                 f"  direct   median {statistics.median(direct_t) * 1000:6.2f} ms  p99 {_pct(direct_t, 99) * 1000:6.2f} ms"
@@ -461,37 +520,68 @@ def measure_traffic(
             added = statistics.median(gateway_t) - statistics.median(direct_t)
             print(f"  added at the median: {added * 1000:.2f} ms")
         if "sse" in parts:
-            levels = [100, 500] if quick else [100, 500, 1000, 2000]
-            events, delay = 4, 0.25
-            print(
-                f"\n## sse: a burst of concurrent streams, each {events} deltas {delay} s apart "
-                "(~1 s);\n##   first event = message_start (the fake sends it at once), "
-                f"first delta comes {delay} s later by design"
-            )
-            print(
-                f"  {'target':<8} {'streams':>7} {'done':>6} {'failed':>6} {'first p50':>10} "
-                f"{'first p99':>10} {'delta p99':>10} {'stream p50':>11} {'stream p99':>11}"
-            )
-            best = 0
-            for level in levels:
-                d = asyncio.run(
-                    sse_level(
-                        up.url, ["sk-ant-test-direct"], streams=level, events=events, delay=delay
+            measure_sse(up.url, capped.url, capped_tokens, quick=quick)
+
+
+def measure_sse(direct_url: str, gateway_url: str, tokens: list[str], *, quick: bool) -> None:
+    events, delay = 5, 0.25
+    # eager: the first text delta leaves the fake with message_start, so "first delta" is
+    # what the path adds; the four later deltas are paced, a stream lasts about a second.
+    query, length = f"?events={events}&delay={delay}&eager=1", (events - 1) * delay
+    seconds = 3.0 if quick else 6.0
+    header = (
+        f"  {'target':<8} {'streams':>7} {'done':>6} {'failed':>6} {'per s':>6} "
+        f"{'delta p50':>10} {'delta p99':>10} {'stream p50':>11} {'stream p99':>11}"
+    )
+
+    def line(label: str, row: dict[str, float]) -> str:
+        return (
+            f"  {label:<8} {row['streams']:7.0f} {row['completed']:6.0f} {row['failed']:6.0f} "
+            f"{row['per_s']:6.0f} {row['delta_p50_ms']:8.0f}ms {row['delta_p99_ms']:8.0f}ms "
+            f"{row['stream_p50_ms']:9.0f}ms {row['stream_p99_ms']:9.0f}ms"
+        )
+
+    print(
+        f"\n## sse, steady: N streams open at every moment for {seconds:g} s (a closed loop of N "
+        f"clients,\n##   first starts spread over {length:g} s); each stream {events} deltas, the "
+        f"first at once, then {delay} s apart"
+    )
+    print(header)
+    best_stream = best_delta = 0
+    for level in [100, 500] if quick else [100, 500, 1000, 2000]:
+        rows = [
+            (
+                label,
+                run_client(
+                    sse_steady(
+                        url, toks, streams=level, seconds=seconds, query=query, length=length
                     )
-                )
-                g = asyncio.run(
-                    sse_level(capped.url, capped_tokens, streams=level, events=events, delay=delay)
-                )
-                for label, row in (("direct", d), ("gateway", g)):
-                    print(
-                        f"  {label:<8} {row['streams']:7.0f} {row['completed']:6.0f} {row['failed']:6.0f} "
-                        f"{row['first_p50_ms']:8.0f}ms {row['first_p99_ms']:8.0f}ms "
-                        f"{row['delta_p99_ms']:8.0f}ms "
-                        f"{row['stream_p50_ms']:9.0f}ms {row['stream_p99_ms']:9.0f}ms"
-                    )
-                if g["completed"] == level and g["stream_p99_ms"] <= 1.5 * d["stream_p99_ms"]:
-                    best = level
-            print(f"  largest level with every stream complete and p99 within 1.5x direct: {best}")
+                ),
+            )
+            for label, url, toks in (
+                ("direct", direct_url, ["sk-ant-test-direct"]),
+                ("gateway", gateway_url, tokens),
+            )
+        ]
+        for label, row in rows:
+            print(line(label, row))
+        (_, d), (_, g) = rows
+        clean = g["failed"] == 0 and g["completed"] > 0
+        if clean and g["stream_p99_ms"] <= 1.5 * d["stream_p99_ms"]:
+            best_stream = level
+        if clean and g["delta_p99_ms"] <= 250:
+            best_delta = level
+    print(f"  largest level, every stream complete, p99 stream within 1.5x direct: {best_stream}")
+    print(f"  largest level, every stream complete, p99 first delta within 250 ms: {best_delta}")
+
+    print("\n## sse, burst: N streams started at the same instant, each on a new connection")
+    print(header)
+    for level in [500] if quick else [1000, 2000]:
+        for label, url, toks in (
+            ("direct", direct_url, ["sk-ant-test-direct"]),
+            ("gateway", gateway_url, tokens),
+        ):
+            print(line(label, run_client(sse_burst(url, toks, streams=level, query=query))))
 
 
 if __name__ == "__main__":
