@@ -74,7 +74,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response),
-            request=request,
+            # No request=: as httpx's own transports, so the response does not keep the
+            # request body alive for as long as the stream lasts (the client sets it).
             extensions={"http_version": b"HTTP/1.1"},
         )
 

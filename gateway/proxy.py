@@ -127,7 +127,7 @@ class Proxy:
             await _send_error(send, fault)
             _access(method, path, user_id, fault.status, started, 0, "internal_error")
             return
-        await self._relay(
+        relay = self._relay(
             send,
             receive,
             permit=admitted,
@@ -137,6 +137,10 @@ class Proxy:
             user_id=str(user_id),
             started=started,
         )
+        # An agent's request body is its whole context (often hundreds of KiB); held here
+        # it would live as long as the stream. The relay drops it once it is sent.
+        del request, body
+        await relay
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
         for name, value in headers:
@@ -213,6 +217,7 @@ class Proxy:
         try:
             try:
                 response = await self.runtime.upstream.send(request)
+                del request  # sent: the body is not kept for the life of the stream
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(
                     f"The upstream did not answer within {self.read_timeout:g} s."

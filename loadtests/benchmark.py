@@ -19,7 +19,8 @@ a global cap and per-credential caps of 256 over several users), then measures:
   p99 first delta within 250 ms;
 - sse, burst: 1,000 and 2,000 streams started at the same instant (the harshest case:
   the last one waits for every one before it);
-- memory: resident memory per worker at idle and with 1,000 open streams.
+- memory: resident memory per worker at idle and with 1,000 and 2,000 open streams, and
+  with 2,000 open streams whose requests carried 64 KiB bodies (an agent's long context).
 
 Figures are printed, never asserted. Results of a run live in ``loadtests/RESULTS.md``.
 """
@@ -388,9 +389,9 @@ def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def memory_at(
-    gateway: Gateway, tokens: list[str], streams: int
-) -> tuple[list[float], list[float]]:
-    idle = [_rss_mib(pid) for pid in gateway.worker_pids()]
+    gateway: Gateway, tokens: list[str], streams: int, body: bytes = STREAM_MESSAGE
+) -> list[float]:
+    """Resident MiB per worker with ``streams`` streams open (each sent ``body``)."""
     held = asyncio.Event()
     all_open = asyncio.Event()
     opened = 0
@@ -402,7 +403,7 @@ async def memory_at(
             headers = {"x-api-key": tokens[index % len(tokens)], "content-type": "application/json"}
             async with session.post(
                 f"{gateway.url}/v1/messages?events=1&stall=20",
-                data=STREAM_MESSAGE,
+                data=body,
                 headers=headers,
             ) as response:
                 await response.content.readany()
@@ -421,7 +422,7 @@ async def memory_at(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return idle, loaded
+    return loaded
 
 
 def fresh_rss(gateway: Gateway) -> list[float]:
@@ -465,13 +466,30 @@ def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, sec
             parts, workers=workers, quick=quick, concurrency=concurrency, seconds=seconds
         )
     if "memory" in parts:
-        # A fresh gateway: after the other parts, the workers' heaps keep their high-water mark.
+        measure_memory(workers, quick=quick)
+
+
+def measure_memory(workers: int, *, quick: bool) -> None:
+    # A fresh gateway for each row: a worker's heap keeps its high-water mark.
+    print("\n## memory: resident MiB per worker (a fresh gateway each row), with N open streams")
+    levels = [500] if quick else [1000, 2000]
+    big = _padded_message(64 * 1024)
+    rows = [(f"{n:>5} open", n, STREAM_MESSAGE) for n in levels]
+    rows.append((f"{levels[-1]:>5} open, 64 KiB request bodies", levels[-1], big))
+    for label, streams, body in rows:
         with running(workers) as (_up, fresh, _uncapped, tokens):
-            print("\n## memory: resident MiB per worker (a fresh gateway), with N open streams")
-            print(f"  idle          {', '.join(f'{m:.0f}' for m in fresh_rss(fresh))}")
-            for streams in [500] if quick else [1000, 2000]:
-                _idle, loaded = run_client(memory_at(fresh, tokens[:-1], streams))
-                print(f"  {streams:>5} open    {', '.join(f'{m:.0f}' for m in loaded)}")
+            idle = fresh_rss(fresh)
+            loaded = run_client(memory_at(fresh, tokens[:-1], streams, body))
+            print(
+                f"  {label:<34} idle {', '.join(f'{m:.0f}' for m in idle)}"
+                f"  loaded {', '.join(f'{m:.0f}' for m in loaded)}"
+            )
+
+
+def _padded_message(size: int) -> bytes:
+    """A streamed request about ``size`` bytes long, as an agent's long context is."""
+    text = "x" * max(0, size - len(STREAM_MESSAGE))
+    return STREAM_MESSAGE.replace(b'"content":"hi"', f'"content":"{text}"'.encode())
 
 
 def measure_traffic(
