@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -374,3 +376,51 @@ def test_sdk_messages_create_stream_and_count_tokens(
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(**MESSAGE)  # type: ignore[call-overload]
     wait_all_free(shared_gateway)
+
+
+def _worker_rss_mib(gateway: GatewayProcess) -> float:
+    """Resident MiB of the one worker of a one-worker gateway (launcher > Granian > worker)."""
+
+    def children(pid: int) -> list[int]:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    (worker,) = [w for granian in children(gateway.pid) for w in children(granian)]
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_request_bodies_do_not_live_as_long_as_their_streams(
+    start_gateway: Any, fake_upstream: FakeUpstream
+) -> None:
+    """An agent's request carries its whole context; a proxy that kept it for the life of
+    the stream would hold streams x context. 48 open streams of 1 MiB requests: held,
+    that is 48 MiB or more in the worker; dropped once sent, it is a few MiB."""
+    gateway = start_gateway(workers=1)
+    token, _ = gateway.user_with_key("longcontext", cap=64)
+    body = {**MESSAGE, "stream": True, "messages": [{"role": "user", "content": "x" * 2**20}]}
+    # A first round, so the worker's buffers and pools are warm before the baseline.
+    assert post(gateway, token, json=body).status_code == 200
+    before = _worker_rss_mib(gateway)
+    async with httpx.AsyncClient(timeout=30) as client, contextlib.AsyncExitStack() as stack:
+
+        async def open_stream() -> None:
+            response = await stack.enter_async_context(
+                client.stream(
+                    "POST",
+                    f"{gateway.url}/v1/messages?events=1&stall=30",
+                    json=body,
+                    headers={"x-api-key": token},
+                )
+            )
+            assert response.status_code == 200
+            iterator = response.aiter_raw()
+            opened.append(iterator)  # a collected iterator would close its stream
+            await iterator.__anext__()
+
+        opened: list[Any] = []
+        for _ in range(48):
+            await open_stream()
+        grown = _worker_rss_mib(gateway) - before
+    assert grown < 24, f"the worker grew {grown:.0f} MiB with 48 streams open"
