@@ -106,8 +106,17 @@ def main() -> None:
     show_default=True,
     help="The workers' event loop.",
 )
+@click.option(
+    "--http",
+    type=click.Choice(["1", "auto"]),
+    default="1",
+    show_default=True,
+    help="HTTP/1.1 only, or also HTTP/2 (prior knowledge). HTTP/1.1 only holds an open "
+    "stream in about half the memory.",
+)
 def serve(
     loop: str,
+    http: str,
     host: str,
     port: int,
     workers: int,
@@ -134,6 +143,7 @@ def serve(
         worker_max_rss=worker_max_rss,
         log_level=settings.log_level,
         loop=loop,
+        http=http,
     )
     base = f"http://{host}:{port}"
     click.echo(

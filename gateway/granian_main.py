@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import msgspec
-from granian.constants import Interfaces, Loops
+from granian.constants import HTTPModes, Interfaces, Loops
 from granian.server import Server
 
 from gateway.logs import logging_dictconfig
@@ -43,6 +43,7 @@ def main() -> None:
         address=options.host,
         port=options.port,
         interface=Interfaces.ASGI,
+        http=HTTPModes(options.http),
         loop=Loops(options.loop),
         workers=options.workers,
         backlog=options.backlog,

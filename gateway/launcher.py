@@ -44,6 +44,10 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         GATEWAY_PORT=str(settings.port),
         GATEWAY_UPSTREAM_URL=settings.upstream_url,
     )
+    # Granian's Rust side allocates with its own (prefixed) jemalloc, which by default
+    # keeps freed pages for 10 s: a worker's resident memory then climbs with every wave
+    # of connections. Returning them after a second holds it near the open streams' need.
+    env.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
     # Validated (and warned about) once here, not once per worker.
     if settings.max_global_concurrent is None:
         env.pop("PROXY_MAX_GLOBAL_CONCURRENT", None)

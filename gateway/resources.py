@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
+from gateway.heap import HeapTrimmer
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
@@ -63,8 +65,12 @@ class WorkerResources(ProxyRuntime):
             raise
         self.credentials = CredentialCache(self.gatekeeper, self.master_key)
         self.upstream = Upstream(settings)
+        self._trimmer = asyncio.get_running_loop().create_task(
+            HeapTrimmer(settings.heap_trim_interval).run()
+        )
 
     async def close(self) -> None:
+        self._trimmer.cancel()
         await self.upstream.aclose()
         self.gatekeeper.close()
         self.ledger.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     retry_after_seconds: int = 1
     log_level: str = "INFO"
+    heap_trim_interval: float = 5.0  # 0: never trim
 
     @property
     def master_key_file(self) -> Path:
@@ -115,6 +117,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 env.get("GATEWAY_RETRY_AFTER"), "GATEWAY_RETRY_AFTER", 1, lo=0
             ),
             log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+            heap_trim_interval=_float(
+                env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 5.0, zero=True
+            ),
         )
 
 
@@ -167,15 +172,16 @@ def _int(raw: object, name: str, default: int, *, lo: int) -> int:
     return value
 
 
-def _float(raw: str | None, name: str, default: float) -> float:
+def _float(raw: str | None, name: str, default: float, *, zero: bool = False) -> float:
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        allowed = "zero or positive" if zero else "positive"
+        raise SettingsError(f"{name} must be {allowed}, got {raw!r}")
     return value
 
 
@@ -204,3 +210,6 @@ class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):
     respawn_interval: float = 1.0
     log_level: str = "INFO"
     loop: str = "uvloop"
+    # HTTP/1.1 only: Granian's auto-detecting connection holds about 12 KiB more per open
+    # stream (measured), and no agent SDK speaks cleartext HTTP/2 to a gateway.
+    http: str = "1"

@@ -389,9 +389,10 @@ def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def memory_at(
-    gateway: Gateway, tokens: list[str], streams: int, body: bytes = STREAM_MESSAGE
-) -> list[float]:
-    """Resident MiB per worker with ``streams`` streams open (each sent ``body``)."""
+    gateway: Gateway, tokens: list[str], streams: int, body: bytes, settle: float = 7.0
+) -> tuple[list[float], list[float]]:
+    """Resident MiB per worker with ``streams`` streams opened at once (each sent ``body``):
+    just after the last one opened, and ``settle`` seconds later."""
     held = asyncio.Event()
     all_open = asyncio.Event()
     opened = 0
@@ -402,7 +403,7 @@ async def memory_at(
             nonlocal opened
             headers = {"x-api-key": tokens[index % len(tokens)], "content-type": "application/json"}
             async with session.post(
-                f"{gateway.url}/v1/messages?events=1&stall=20",
+                f"{gateway.url}/v1/messages?events=1&stall=30",
                 data=body,
                 headers=headers,
             ) as response:
@@ -417,12 +418,16 @@ async def memory_at(
             await asyncio.wait_for(all_open.wait(), 60)
         except TimeoutError:
             print(f"  only {opened} of {streams} streams opened within 60 s")
-        loaded = [_rss_mib(pid) for pid in gateway.worker_pids()]
+        burst = [_rss_mib(pid) for pid in gateway.worker_pids()]
+        # Held a while longer: past a heap trim (GATEWAY_HEAP_TRIM_INTERVAL, 5 s), what
+        # the open streams themselves hold.
+        await asyncio.sleep(settle)
+        settled = [_rss_mib(pid) for pid in gateway.worker_pids()]
         held.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return loaded
+    return burst, settled
 
 
 def fresh_rss(gateway: Gateway) -> list[float]:
@@ -471,18 +476,24 @@ def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, sec
 
 def measure_memory(workers: int, *, quick: bool) -> None:
     # A fresh gateway for each row: a worker's heap keeps its high-water mark.
-    print("\n## memory: resident MiB per worker (a fresh gateway each row), with N open streams")
+    print(
+        "\n## memory: resident MiB per worker (a fresh gateway each row), with N streams opened"
+        "\n##   at once: just after the last opened, and settled (7 s later, past a heap trim)"
+    )
     levels = [500] if quick else [1000, 2000]
     big = _padded_message(64 * 1024)
     rows = [(f"{n:>5} open", n, STREAM_MESSAGE) for n in levels]
     rows.append((f"{levels[-1]:>5} open, 64 KiB request bodies", levels[-1], big))
+    print(f"  {'':<34} {'idle':>10} {'at once':>10} {'settled':>10}")
     for label, streams, body in rows:
         with running(workers) as (_up, fresh, _uncapped, tokens):
             idle = fresh_rss(fresh)
-            loaded = run_client(memory_at(fresh, tokens[:-1], streams, body))
+            burst, settled = run_client(memory_at(fresh, tokens[:-1], streams, body))
             print(
-                f"  {label:<34} idle {', '.join(f'{m:.0f}' for m in idle)}"
-                f"  loaded {', '.join(f'{m:.0f}' for m in loaded)}"
+                f"  {label:<34} "
+                + " ".join(
+                    f"{', '.join(f'{m:.0f}' for m in v):>10}" for v in (idle, burst, settled)
+                )
             )
 
 

@@ -196,6 +196,13 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
         Settings.from_env({"GATEWAY_PORT": "http"})
     with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT"):
         Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "-3"})
+    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT must be positive"):
+        Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "0"})
+    assert settings.heap_trim_interval == 5.0
+    assert Settings.from_env({"GATEWAY_HEAP_TRIM_INTERVAL": "0"}).heap_trim_interval == 0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(SettingsError, match="GATEWAY_HEAP_TRIM_INTERVAL"):
+            Settings.from_env({"GATEWAY_HEAP_TRIM_INTERVAL": bad})
 
 
 def test_secrets_never_print() -> None:
