@@ -274,9 +274,18 @@ class _Tally:
         self.sent = 0
 
 
+def _body(response: httpx.Response) -> httpx.AsyncByteStream:
+    """The transport's own byte stream: ``aiter_raw()`` would wrap it in two more layers
+    (a chunker and a context manager) held for the life of every stream. The transports
+    map their errors to httpx's themselves; the relay closes the response in ``finally``."""
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    return stream
+
+
 async def _relay_raw(response: httpx.Response, send: Send, tally: _Tally) -> str:
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in _body(response):
             tally.sent += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.HTTPError as exc:
@@ -294,7 +303,7 @@ async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally) -> str
     """
     pending = b""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in _body(response):
             data = pending + chunk if pending else chunk
             cut = data.rfind(b"\n\n") + 2
             if cut == 1:  # no complete event yet
