@@ -23,7 +23,7 @@ from ipc.ledger import read_ledger
 from ipc.namespace import usage
 from ipc.naming import POSIX_NAME_MAX, list_ledgers, list_semaphores
 from loadtests.fake_upstream import FakeUpstream
-from tests.fixtures.gateway import GatewayProcess, shm_leftovers
+from tests.fixtures.gateway import GatewayProcess, children, shm_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -432,18 +432,18 @@ async def test_granian_crash_loop_keeps_namespace_and_permits(
     gateway = start_gateway(workers=2, PROXY_MAX_GLOBAL_CONCURRENT="10")
     token, _ = gateway.user_with_key("hank", cap=4)
     assert (await one_request(gateway, token)).status_code == 200
-    granian = _children(gateway.pid)
+    granian = children(gateway.pid)
     assert len(granian) == 1
     await asyncio.sleep(MIN_UPTIME_FOR_RESTART + 0.5)  # past the launcher's misconfiguration guard
 
     async with held_streams(gateway, token, 3):
         victim = max(held_per_worker(gateway).items(), key=lambda item: item[1])[0]
-        before = set(_children(granian[0]))
+        before = set(children(granian[0]))
         os.kill(victim, signal.SIGKILL)
         # Kill the respawned worker as soon as it appears: Granian calls that a crash loop.
         deadline = time.monotonic() + 10
         while True:
-            fresh = set(_children(granian[0])) - before
+            fresh = set(children(granian[0])) - before
             alive = [pid for pid in fresh if _is_worker(pid)]
             if alive:
                 os.kill(alive[0], signal.SIGKILL)
@@ -453,7 +453,7 @@ async def test_granian_crash_loop_keeps_namespace_and_permits(
 
     # Granian exits and the launcher starts a new one on the same namespace.
     await wait_for(
-        lambda: _children(gateway.pid) not in ([], granian), 20, "a new Granian server"
+        lambda: children(gateway.pid) not in ([], granian), 20, "a new Granian server"
     )
     assert gateway.process.poll() is None
     assert "restarting it" in gateway.logs()
@@ -464,13 +464,6 @@ async def test_granian_crash_loop_keeps_namespace_and_permits(
     assert all(r.free == r.cap for r in state["credential"].values())
     async with held_streams(gateway, token, 4):
         assert (await one_request(gateway, token)).status_code == 429
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return []
 
 
 def _is_worker(pid: int) -> bool:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import os
 
 import pytest
 
 from gateway.heap import HeapTrimmer
+from tests.fixtures.gateway import rss_mib
 
 pytestmark = pytest.mark.skipif(not HeapTrimmer(1).available, reason="no malloc_trim here")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_a_burst_of_freed_memory_goes_back_to_the_system() -> None:
@@ -26,11 +20,11 @@ def test_a_burst_of_freed_memory_goes_back_to_the_system() -> None:
     burst = [bytearray(2048) for _ in range(32 * 1024)]
     survivor = bytearray(2048)
     del burst
-    held = rss_mib()
+    held = rss_mib(os.getpid())
     assert trimmer.free_bytes() >= 32 << 20
 
     assert trimmer.trim_if_worth_it() is True
-    assert held - rss_mib() > 32  # most of the 64 MiB went back
+    assert held - rss_mib(os.getpid()) > 32  # most of the 64 MiB went back
     del survivor
 
 

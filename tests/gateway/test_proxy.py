@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -15,7 +14,7 @@ import pytest
 
 from ipc.namespace import usage
 from loadtests.fake_upstream import FakeUpstream
-from tests.fixtures.gateway import GatewayProcess
+from tests.fixtures.gateway import GatewayProcess, rss_mib
 
 MESSAGE = {
     "model": "claude-test",
@@ -378,19 +377,6 @@ def test_sdk_messages_create_stream_and_count_tokens(
     wait_all_free(shared_gateway)
 
 
-def _worker_rss_mib(gateway: GatewayProcess) -> float:
-    """Resident MiB of the one worker of a one-worker gateway (launcher > Granian > worker)."""
-
-    def children(pid: int) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-    (worker,) = [w for granian in children(gateway.pid) for w in children(granian)]
-    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_request_bodies_do_not_live_as_long_as_their_streams(
     start_gateway: Any, fake_upstream: FakeUpstream
 ) -> None:
@@ -402,7 +388,8 @@ async def test_request_bodies_do_not_live_as_long_as_their_streams(
     body = {**MESSAGE, "stream": True, "messages": [{"role": "user", "content": "x" * 2**20}]}
     # A first round, so the worker's buffers and pools are warm before the baseline.
     assert post(gateway, token, json=body).status_code == 200
-    before = _worker_rss_mib(gateway)
+    (worker,) = gateway.worker_pids()
+    before = rss_mib(worker)
     async with httpx.AsyncClient(timeout=30) as client, contextlib.AsyncExitStack() as stack:
 
         async def open_stream() -> None:
@@ -422,5 +409,5 @@ async def test_request_bodies_do_not_live_as_long_as_their_streams(
         opened: list[Any] = []
         for _ in range(48):
             await open_stream()
-        grown = _worker_rss_mib(gateway) - before
+        grown = rss_mib(worker) - before
     assert grown < 24, f"the worker grew {grown:.0f} MiB with 48 streams open"
