@@ -42,7 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_read_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
-    upstream_transport: str = "aiohttp"
+    upstream_transport: str = "h1"
     max_global_concurrent: int | None = None
     ipc_namespace: str
     host: str = "127.0.0.1"
@@ -107,7 +107,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             upstream_transport=_choice(
                 env.get("GATEWAY_UPSTREAM_TRANSPORT"),
                 "GATEWAY_UPSTREAM_TRANSPORT",
-                ("aiohttp", "httpx"),
+                ("h1", "aiohttp", "httpx"),
             ),
             max_global_concurrent=parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT")),
             ipc_namespace=namespace,

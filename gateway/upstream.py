@@ -4,20 +4,53 @@ Requests go straight to an httpx transport. ``httpx.AsyncClient`` would add redi
 auth and cookie handling on every request: the gateway wants none of them (a shared
 client must never replay one user's cookies on another's request, and redirects are
 never followed), and skipping that layer saves about a tenth of the proxy's CPU.
+
+Three transports, chosen by ``GATEWAY_UPSTREAM_TRANSPORT``: ``h1`` (the default, our lean
+HTTP/1.1 transport), ``aiohttp`` (httpx's API over aiohttp's client) and ``httpx``
+(httpx's own). ``python -m loadtests.benchmark --transports`` measures them side by side.
 """
 
 from __future__ import annotations
 
-import aiohttp
 import httpx
 
-from gateway.aiohttp_transport import AiohttpTransport
+from gateway.h1_transport import H1Transport
 from gateway.settings import Settings
+
+KEEPALIVE_EXPIRY = 30.0
+
+
+def build_transport(kind: str) -> httpx.AsyncBaseTransport:
+    """Build inside the worker's event loop (aiohttp binds its session to the loop)."""
+    if kind == "h1":
+        return H1Transport(keepalive_expiry=KEEPALIVE_EXPIRY)
+    if kind == "aiohttp":
+        # Imported only when chosen: aiohttp costs each worker about 10 MB of imports.
+        import aiohttp
+
+        from gateway.aiohttp_transport import AiohttpTransport
+
+        session = aiohttp.ClientSession(
+            # limit=0: no connection cap here; the gates are the caps, and aiohttp's
+            # default of 100 would queue long streams silently.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY),
+            # The real API sits behind a CDN that sets cookies: keep none.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # Forward only what the client sent, and nothing aiohttp would add.
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
+            auto_decompress=False,
+        )
+        return AiohttpTransport(session)
+    return httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(
+            max_connections=None,
+            max_keepalive_connections=1000,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+    )
 
 
 class Upstream:
-    """Build inside the worker's event loop (aiohttp binds its session to the loop)."""
-
     def __init__(self, settings: Settings) -> None:
         self._timeout = httpx.Timeout(
             connect=settings.upstream_connect_timeout,
@@ -25,23 +58,7 @@ class Upstream:
             write=settings.upstream_read_timeout,
             pool=settings.upstream_connect_timeout,
         ).as_dict()
-        self.transport: httpx.AsyncBaseTransport
-        if settings.upstream_transport == "aiohttp":
-            session = aiohttp.ClientSession(
-                # limit=0: no connection cap here; the gates are the caps, and aiohttp's
-                # default of 100 would queue long streams silently.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                # The real API sits behind a CDN that sets cookies: keep none.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # Forward only what the client sent, and nothing aiohttp would add.
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
-                auto_decompress=False,
-            )
-            self.transport = AiohttpTransport(session)
-        else:
-            self.transport = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-            )
+        self.transport = build_transport(settings.upstream_transport)
 
     def request(
         self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes

@@ -3,6 +3,7 @@
     python -m loadtests.benchmark                 # everything, prints tables
     python -m loadtests.benchmark --quick         # smaller levels, for a smoke run
     python -m loadtests.benchmark --only gates    # one part: gates, json, ttfb, sse, memory
+    python -m loadtests.benchmark --only json --transport h1 --transport aiohttp
 
 It starts the fake upstream and a real ``gateway serve`` (all cores as workers, caps on:
 a global cap and per-credential caps of 256 over several users), then measures:
@@ -10,7 +11,9 @@ a global cap and per-credential caps of 256 over several users), then measures:
 - gates: acquire + release through ``Gatekeeper.admit`` / ``Permit.release`` (µs);
 - json: non-streaming ``POST /v1/messages`` requests/s and p50/p99 at a fixed
   concurrency, through the gateway (with and without the global cap) and direct, with
-  ``wrk`` when installed (a Python client saturates before the gateway does);
+  ``wrk`` when installed (a Python client saturates before the gateway does), and the
+  workers' CPU time per request (steadier than requests/s when everything shares the
+  cores); with ``--transport`` given more than once, each upstream transport side by side;
 - ttfb: added time to first byte at low load (sequential requests), median and p99;
 - sse, steady: 100..2,000 streams open at every moment (a closed loop of N clients,
   each stream about a second), through the gateway and direct: time to the first text
@@ -62,7 +65,15 @@ STREAM_MESSAGE = (
 
 
 class Gateway:
-    def __init__(self, workdir: Path, upstream: str, *, workers: int, global_cap: int | None):
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        *,
+        workers: int,
+        global_cap: int | None,
+        transport: str = "h1",
+    ):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.namespace = f"bench{uuid.uuid4().hex[:8]}"
@@ -72,6 +83,7 @@ class Gateway:
             GATEWAY_UPSTREAM_URL=upstream,
             GATEWAY_IPC_NAMESPACE=self.namespace,
             GATEWAY_LOG_LEVEL="WARNING",
+            GATEWAY_UPSTREAM_TRANSPORT=transport,
         )
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
@@ -112,6 +124,18 @@ class Gateway:
         granian = _children(self.process.pid)
         return [pid for parent in granian for pid in _children(parent)]
 
+    def worker_cpu_seconds(self) -> float:
+        """User + system CPU the workers have used so far (Granian's parent idles)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.worker_pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -147,12 +171,19 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(workers: int) -> Iterator[tuple[FakeUpstream, Gateway, Gateway, list[str]]]:
+def running(
+    workers: int, transport: str = "h1"
+) -> Iterator[tuple[FakeUpstream, Gateway, Gateway, list[str]]]:
     """The fake upstream, a capped gateway and an uncapped one, and tokens for both."""
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp, FakeUpstream.start() as up:
-        capped = Gateway(Path(tmp) / "capped", up.url, workers=workers, global_cap=100_000)
+        capped = Gateway(
+            Path(tmp) / "capped", up.url, workers=workers, global_cap=100_000, transport=transport
+        )
         try:
-            uncapped = Gateway(Path(tmp) / "uncapped", up.url, workers=workers, global_cap=None)
+            uncapped = Gateway(
+                Path(tmp) / "uncapped", up.url, workers=workers, global_cap=None,
+                transport=transport,
+            )  # fmt: skip
             try:
                 tokens = [capped.user(f"bench{i}") for i in range(10)]
                 uncapped_token = uncapped.user("bench")
@@ -215,9 +246,11 @@ def wrk_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[st
     finally:
         script.unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": rps,
+        "requests": float(done),
         "p50_ms": _wrk_latency(out, "50%"),
         "p99_ms": _wrk_latency(out, "99%"),
         "non_2xx": float(errors.group(1)) if errors else 0.0,
@@ -254,6 +287,7 @@ async def python_json(url: str, token: str, *, concurrency: int, seconds: int) -
         elapsed = time.monotonic() - started
     return {
         "rps": len(latencies) / elapsed,
+        "requests": float(len(latencies)),
         "p50_ms": _pct(latencies, 50) * 1000,
         "p99_ms": _pct(latencies, 99) * 1000,
         "non_2xx": float(failures),
@@ -455,7 +489,23 @@ def _pct(values: list[float], pct: int) -> float:
 )
 @click.option("--concurrency", type=int, default=64, show_default=True, help="For json.")
 @click.option("--seconds", type=int, default=10, show_default=True, help="For json.")
-def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, seconds: int) -> None:
+@click.option(
+    "--transport",
+    "transports",
+    type=click.Choice(["h1", "aiohttp", "httpx"]),
+    multiple=True,
+    help="Upstream transport (repeatable). The first serves every part; json also measures "
+    "the others side by side.  [default: h1]",
+)
+def main(
+    workers: int,
+    quick: bool,
+    only: tuple[str, ...],
+    concurrency: int,
+    seconds: int,
+    transports: tuple[str, ...],
+) -> None:
+    transports = transports or ("h1",)
     parts = set(only) or {"gates", "json", "ttfb", "sse", "memory"}
     if quick:
         seconds = min(seconds, 3)
@@ -468,13 +518,18 @@ def main(workers: int, quick: bool, only: tuple[str, ...], concurrency: int, sec
             print(f"  {label:<24} {micros:7.2f} µs")
     if parts & {"json", "ttfb", "sse"}:
         measure_traffic(
-            parts, workers=workers, quick=quick, concurrency=concurrency, seconds=seconds
+            parts,
+            workers=workers,
+            quick=quick,
+            concurrency=concurrency,
+            seconds=seconds,
+            transports=transports,
         )
     if "memory" in parts:
-        measure_memory(workers, quick=quick)
+        measure_memory(workers, quick=quick, transport=transports[0])
 
 
-def measure_memory(workers: int, *, quick: bool) -> None:
+def measure_memory(workers: int, *, quick: bool, transport: str) -> None:
     # A fresh gateway for each row: a worker's heap keeps its high-water mark.
     print(
         "\n## memory: resident MiB per worker (a fresh gateway each row), with N streams opened"
@@ -486,7 +541,7 @@ def measure_memory(workers: int, *, quick: bool) -> None:
     rows.append((f"{levels[-1]:>5} open, 64 KiB request bodies", levels[-1], big))
     print(f"  {'':<34} {'idle':>10} {'at once':>10} {'settled':>10}")
     for label, streams, body in rows:
-        with running(workers) as (_up, fresh, _uncapped, tokens):
+        with running(workers, transport) as (_up, fresh, _uncapped, tokens):
             idle = fresh_rss(fresh)
             burst, settled = run_client(memory_at(fresh, tokens[:-1], streams, body))
             print(
@@ -504,9 +559,15 @@ def _padded_message(size: int) -> bytes:
 
 
 def measure_traffic(
-    parts: set[str], *, workers: int, quick: bool, concurrency: int, seconds: int
+    parts: set[str],
+    *,
+    workers: int,
+    quick: bool,
+    concurrency: int,
+    seconds: int,
+    transports: tuple[str, ...],
 ) -> None:
-    with running(workers) as (up, capped, uncapped, tokens):
+    with running(workers, transports[0]) as (up, capped, uncapped, tokens):
         token, uncapped_token = tokens[0], tokens[-1]
         capped_tokens = tokens[:-1]
         if "json" in parts:
@@ -516,24 +577,52 @@ def measure_traffic(
                 f"\n## json: POST /v1/messages, concurrency {concurrency}, {seconds} s each, {tool}"
             )
 
-            def measure(url: str, tok: str) -> dict[str, float]:
+            def measure(url: str, tok: str, gateway: Gateway | None = None) -> dict[str, float]:
+                cpu = gateway.worker_cpu_seconds() if gateway else 0.0
                 if have_wrk:
-                    return wrk_json(url, tok, concurrency=concurrency, seconds=seconds)
-                return run_client(python_json(url, tok, concurrency=concurrency, seconds=seconds))
+                    row = wrk_json(url, tok, concurrency=concurrency, seconds=seconds)
+                else:
+                    row = run_client(
+                        python_json(url, tok, concurrency=concurrency, seconds=seconds)
+                    )
+                if gateway is not None:
+                    used = gateway.worker_cpu_seconds() - cpu
+                    row["cpu_us"] = used / max(row["requests"], 1) * 1e6
+                return row
 
             direct = measure(up.url, "sk-ant-test-direct")
+            first = transports[0]
             rows = [
                 ("direct (fake upstream)", direct),
-                ("gateway, caps on", measure(capped.url, token)),
-                ("gateway, no global cap", measure(uncapped.url, uncapped_token)),
+                (f"gateway {first}, caps on", measure(capped.url, token, capped)),
+                (
+                    f"gateway {first}, no global cap",
+                    measure(uncapped.url, uncapped_token, uncapped),
+                ),
             ]
+            for other in transports[1:]:
+                with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+                    gateway = Gateway(
+                        Path(tmp), up.url, workers=workers, global_cap=100_000, transport=other
+                    )
+                    try:
+                        rows.append(
+                            (
+                                f"gateway {other}, caps on",
+                                measure(gateway.url, gateway.user("t"), gateway),
+                            )
+                        )
+                    finally:
+                        gateway.stop()
             print(
-                f"  {'target':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}"
+                f"  {'target':<30} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
+                f"{'ratio':>5} {'worker CPU/req':>14}"
             )
             for label, row in rows:
+                cpu = f"{row['cpu_us']:11.0f} µs" if "cpu_us" in row else ""
                 print(
-                    f"  {label:<24} {row['rps']:9.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
-                    f"{row['non_2xx']:8.0f} {row['rps'] / direct['rps']:6.2f}"
+                    f"  {label:<30} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
+                    f"{row['non_2xx']:7.0f} {row['rps'] / direct['rps']:5.2f} {cpu:>14}"
                 )
         if "ttfb" in parts:
             count = 100 if quick else 400
