@@ -52,6 +52,7 @@ class _Connection(asyncio.Protocol):
         "_status",
         "_waiter",
         "closed",
+        "idle",
         "idle_since",
         "keep_alive",
         "origin",
@@ -64,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.idle = False
         self.idle_since = 0.0
         self._drain: asyncio.Future[None] | None = None
         self._reset(head_only=False)
@@ -89,6 +91,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # Nothing was asked: whatever this is, the connection can no longer be trusted.
+            self.close()
+            return
         self._received = True
         try:
             self._parser.feed_data(data)
@@ -357,6 +363,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         while idle:
             connection = idle.pop()
             if not connection.closed:
+                connection.idle = False
                 return connection
         return None
 
@@ -389,6 +396,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         if self._closed or not connection.reusable:
             connection.close()
             return
+        connection.idle = True
         connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.origin, collections.deque()).append(connection)
         if self._sweeper is None:
