@@ -121,16 +121,15 @@ class _Connection(asyncio.Protocol):
         else:
             error = httpx.ReadError(str(exc) or type(exc).__name__)
         self._fail(error)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(httpx.WriteError("upstream connection lost"))
+        self.resume_writing()  # a writer waiting to drain meets the error when it reads
 
     def pause_writing(self) -> None:
         self._drain = self._loop.create_future()
 
     def resume_writing(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._drain = None
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     # -- httptools callbacks ---------------------------------------------------------
 
