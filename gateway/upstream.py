@@ -18,6 +18,7 @@ from gateway.h1_transport import H1Transport
 from gateway.settings import Settings
 
 KEEPALIVE_EXPIRY = 30.0
+URL_CACHE_SIZE = 512
 
 
 def build_transport(kind: str) -> httpx.AsyncBaseTransport:
@@ -59,12 +60,21 @@ class Upstream:
             pool=settings.upstream_connect_timeout,
         ).as_dict()
         self.transport = build_transport(settings.upstream_transport)
+        # Agents call a handful of paths; parsing one into an httpx.URL is about half the
+        # cost of building the request. Bounded: cleared when full, never stale (a URL
+        # is a pure function of its text).
+        self._urls: dict[str, httpx.URL] = {}
 
     def request(
         self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes
     ) -> httpx.Request:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
         return httpx.Request(
-            method, url, headers=headers, content=body, extensions={"timeout": self._timeout}
+            method, parsed, headers=headers, content=body, extensions={"timeout": self._timeout}
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:
