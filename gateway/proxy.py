@@ -227,22 +227,19 @@ class Proxy:
                     f"The upstream is unreachable ({type(exc).__name__})."
                 ) from exc
             status = response.status_code
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": client_response_headers(response.headers.raw),
-                }
-            )
+            headers = client_response_headers(response.headers.raw)
             sse = response.headers.get("content-type", "").startswith("text/event-stream")
-            outcome = await (
-                _relay_sse(response, send, tally) if sse else _relay_raw(response, send, tally)
-            )
-            # The whole upstream body is relayed: give the slot back before the client can
-            # see the end of its response, so a client that sends its next request the
-            # moment this one ends is never refused by its own finished stream.
-            permit.release()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            length = None if sse else _declared_length(response, method)
+            if length is not None:
+                headers.append((b"content-length", b"%d" % length))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            # Each relay ends the response itself and gives the slot back just before the
+            # client can see that end, so a client that sends its next request the moment
+            # this one ends is never refused by its own finished stream.
+            if sse:
+                outcome = await _relay_sse(response, send, tally, permit)
+            else:
+                outcome = await _relay_raw(response, send, tally, permit, length)
         except GatewayError as err:
             status, outcome = err.status, err.kind
             permit.release()
@@ -283,18 +280,42 @@ def _body(response: httpx.Response) -> httpx.AsyncByteStream:
     return stream
 
 
-async def _relay_raw(response: httpx.Response, send: Send, tally: _Tally) -> str:
+def _declared_length(response: httpx.Response, method: str) -> int | None:
+    """The upstream's content-length, passed on so the client gets a fixed-length body
+    instead of a chunked one, and can tell a cut body from a whole one."""
+    value = response.headers.get("content-length")
+    if value is None or not value.isdigit() or method == "HEAD":
+        return None
+    if response.status_code in (204, 304):
+        return None
+    return int(value)
+
+
+async def _end(send: Send, permit: Permit, last: bytes = b"") -> None:
+    permit.release()
+    await send({"type": "http.response.body", "body": last, "more_body": False})
+
+
+async def _relay_raw(
+    response: httpx.Response, send: Send, tally: _Tally, permit: Permit, length: int | None
+) -> str:
     try:
         async for chunk in _body(response):
             tally.sent += len(chunk)
+            if tally.sent == length:
+                await _end(send, permit, chunk)  # the declared body is whole: end with it
+                return "ok"
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.HTTPError as exc:
+        # No end is sent: the server then closes the connection, and the client knows the
+        # body is incomplete (a clean end would pass a truncated body off as whole).
         log.warning("upstream body failed after %d bytes: %s", tally.sent, type(exc).__name__)
         return "upstream_cut"
+    await _end(send, permit)
     return "ok"
 
 
-async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally) -> str:
+async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally, permit: Permit) -> str:
     """Relay events as they arrive; on an upstream failure end with an ``event: error``.
 
     Bytes go out unchanged and in order; only a trailing partial event of a chunk waits
@@ -322,10 +343,11 @@ async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally) -> str
             + b"\n\n"
         )
         await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await _end(send, permit)
         return "upstream_cut"
     if pending:
         tally.sent += len(pending)
-        await send({"type": "http.response.body", "body": pending, "more_body": True})
+    await _end(send, permit, pending)
     return "ok"
 
 

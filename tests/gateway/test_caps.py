@@ -231,8 +231,8 @@ async def test_permit_comes_back(
     elif how == "error_status":
         assert (await one_request(gateway, token, "?status=500")).status_code == 500
     elif how == "cut":
-        response = await one_request(gateway, token, "?cut_after=1")
-        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # the body is seen to be incomplete
+            await one_request(gateway, token, "?cut_after=1")
     elif how == "timeout":
         response = await one_request(gateway, token, "?stall_before_headers=5")
         assert response.status_code == 504

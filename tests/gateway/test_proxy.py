@@ -344,6 +344,22 @@ def test_permit_released_after_upstream_cut_mid_stream(
     wait_all_free(shared_gateway)
 
 
+def test_a_whole_body_keeps_its_length_and_a_cut_one_is_seen_as_cut(
+    shared_gateway: GatewayProcess, user: tuple[str, str]
+) -> None:
+    token, _ = user
+    whole = post(shared_gateway, token, "?body_bytes=20000")
+    assert whole.status_code == 200
+    assert whole.headers["content-length"] == str(len(whole.content))
+    assert "transfer-encoding" not in whole.headers
+    whole.json()
+    # The upstream drops the connection 100 bytes into a body it declared longer: the
+    # client must see an incomplete body, never a short one passed off as whole.
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(shared_gateway, token, "?cut_after=100&body_bytes=20000")
+    wait_all_free(shared_gateway)
+
+
 def test_permit_released_after_upstream_error_status(
     shared_gateway: GatewayProcess, user: tuple[str, str]
 ) -> None:
