@@ -7,7 +7,8 @@ never followed), and skipping that layer saves about a tenth of the proxy's CPU.
 
 Three transports, chosen by ``GATEWAY_UPSTREAM_TRANSPORT``: ``h1`` (the default, our lean
 HTTP/1.1 transport), ``aiohttp`` (httpx's API over aiohttp's client) and ``httpx``
-(httpx's own). ``python -m loadtests.benchmark --transports`` measures them side by side.
+(httpx's own). ``python -m loadtests.benchmark --only json --transport h1 --transport aiohttp``
+measures them side by side.
 """
 
 from __future__ import annotations

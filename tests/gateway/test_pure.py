@@ -20,6 +20,7 @@ from gateway.settings import (
     namespace_prefix,
     parse_global_cap,
 )
+from gateway.upstream import URL_CACHE_SIZE, Upstream
 from ipc.naming import validate_namespace
 
 # -- headers ----------------------------------------------------------------------------
@@ -198,11 +199,31 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
         Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "-3"})
     with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT must be positive"):
         Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "0"})
-    assert settings.heap_trim_interval == 5.0
+    assert settings.heap_trim_interval == 1.0
     assert Settings.from_env({"GATEWAY_HEAP_TRIM_INTERVAL": "0"}).heap_trim_interval == 0
     for bad in ("-1", "soon", "nan", "inf"):
         with pytest.raises(SettingsError, match="GATEWAY_HEAP_TRIM_INTERVAL"):
             Settings.from_env({"GATEWAY_HEAP_TRIM_INTERVAL": bad})
+    assert settings.upstream_transport == "h1"
+    for kind in ("h1", "aiohttp", "httpx"):
+        assert Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": kind}).upstream_transport == kind
+    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_TRANSPORT must be one of h1"):
+        Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": "curl"})
+
+
+async def test_upstream_urls_are_parsed_once_and_the_cache_stays_bounded() -> None:
+    upstream = Upstream(Settings.from_env({"GATEWAY_DATA_DIR": "/srv/gw"}))
+    try:
+        first = upstream.request("POST", "http://u/v1/messages?beta=true", headers=[], body=b"")
+        again = upstream.request("GET", "http://u/v1/messages?beta=true", headers=[], body=b"")
+        assert first.url == again.url and list(upstream._urls) == [str(first.url)]
+        assert str(first.url) == "http://u/v1/messages?beta=true"
+        for n in range(URL_CACHE_SIZE * 3):
+            url = f"http://u/v1/files/file_{n}?x=%2F"
+            assert str(upstream.request("GET", url, headers=[], body=b"").url) == url
+            assert len(upstream._urls) <= URL_CACHE_SIZE
+    finally:
+        await upstream.aclose()
 
 
 def test_secrets_never_print() -> None:
