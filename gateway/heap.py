@@ -4,8 +4,9 @@ A burst of new streams allocates per-request objects that are freed a moment lat
 glibc keeps the freed pages: measured on 2 workers, 2,000 streams opened at once left each
 worker about 30 MB above what the same streams hold when they open at a steady pace.
 ``malloc_trim(0)`` hands those pages back (about 1 ms for a 160 MB worker). The trimmer
-looks every few seconds and trims only when the heap holds enough free memory to be worth
-it; where the C library has no ``malloc_trim`` / ``mallinfo2`` (musl, macOS, glibc before
+looks every second (``GATEWAY_HEAP_TRIM_INTERVAL``; every 5 s left a worker 15-20 MB
+higher for the seconds just after a burst) and trims only when the heap holds enough
+free memory to be worth it; where the C library has no ``malloc_trim`` / ``mallinfo2`` (musl, macOS, glibc before
 2.33) it does nothing.
 """
 

@@ -49,7 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     retry_after_seconds: int = 1
     log_level: str = "INFO"
-    heap_trim_interval: float = 5.0  # 0: never trim
+    heap_trim_interval: float = 1.0  # 0: never trim
 
     @property
     def master_key_file(self) -> Path:
@@ -118,7 +118,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ),
             log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
             heap_trim_interval=_float(
-                env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 5.0, zero=True
+                env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
             ),
         )
 

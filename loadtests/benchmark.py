@@ -453,7 +453,7 @@ async def memory_at(
         except TimeoutError:
             print(f"  only {opened} of {streams} streams opened within 60 s")
         burst = [_rss_mib(pid) for pid in gateway.worker_pids()]
-        # Held a while longer: past a heap trim (GATEWAY_HEAP_TRIM_INTERVAL, 5 s), what
+        # Held a while longer: past heap trims (GATEWAY_HEAP_TRIM_INTERVAL, 1 s), what
         # the open streams themselves hold.
         await asyncio.sleep(settle)
         settled = [_rss_mib(pid) for pid in gateway.worker_pids()]
