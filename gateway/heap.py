@@ -6,8 +6,8 @@ worker about 30 MB above what the same streams hold when they open at a steady p
 ``malloc_trim(0)`` hands those pages back (about 1 ms for a 160 MB worker). The trimmer
 looks every second (``GATEWAY_HEAP_TRIM_INTERVAL``; every 5 s left a worker 15-20 MB
 higher for the seconds just after a burst) and trims only when the heap holds enough
-free memory to be worth it; where the C library has no ``malloc_trim`` / ``mallinfo2`` (musl, macOS, glibc before
-2.33) it does nothing.
+free memory to be worth it; where the C library has no ``malloc_trim`` / ``mallinfo2``
+(musl, macOS, glibc before 2.33) it does nothing.
 """
 
 from __future__ import annotations
