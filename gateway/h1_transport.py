@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -26,9 +27,13 @@ import httptools
 import httpx
 
 _HIGH_WATER: Final = 256 * 1024  # stop reading the socket while this much waits unread
-_LOW_WATER: Final = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024  # status line and headers (h11, under httpx: 16 KiB)
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-_UNSAFE_HEADER_BYTES: Final = (b"\r", b"\n", b"\0")
+_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_METHOD: Final = re.compile(_TOKEN)
+# Every header line a token, a colon and a value without CR, LF or NUL: checked over the
+# whole block at once, so nothing a client or a stored value holds can split the request.
+_HEADER_BLOCK: Final = re.compile(rb"(?:" + _TOKEN + rb": [^\r\n\0]*\r\n)*\r\n")
 
 Origin = tuple[bytes, str, int]
 
@@ -40,9 +45,11 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_buffered",
         "_complete",
+        "_desynced",
         "_drain",
         "_eof_body",
         "_error",
+        "_head_bytes",
         "_head_only",
         "_headers",
         "_loop",
@@ -78,6 +85,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._complete = False
         self._eof_body = False
+        self._desynced = False
+        self._head_bytes = 0
         self._head_only = head_only
         self._received = False
         self._error: httpx.TransportError | None = None
@@ -91,22 +100,38 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.idle:
+        if self.idle or self._desynced:
             # Nothing was asked: whatever this is, the connection can no longer be trusted.
             self.close()
             return
         self._received = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("upstream switched protocols unasked"))
+            self.close()
         except httptools.HttpParserError as exc:
+            if self._desynced:
+                return  # the response before the stray bytes stands; the connection is closed
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP response from upstream: {exc}"))
             self.close()
+            return
+        if not self._status:
+            # httptools buffers a header without limit: bound the head (bytes after a
+            # complete head arrive with status set and are the body's, under flow control).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._fail(httpx.RemoteProtocolError("upstream response head is too large"))
+                self.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        # First: a writer waiting to drain must not wait out its timeout for a connection
+        # that is gone (an upstream that answers 413 early and resets mid-upload).
+        self.resume_writing()
         if self._complete:
             return
         if self._status and self._eof_body and exc is None:
@@ -121,7 +146,6 @@ class _Connection(asyncio.Protocol):
         else:
             error = httpx.ReadError(str(exc) or type(exc).__name__)
         self._fail(error)
-        self.resume_writing()  # a writer waiting to drain meets the error when it reads
 
     def pause_writing(self) -> None:
         self._drain = self._loop.create_future()
@@ -133,6 +157,14 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._status:
+            # A second response on one request (stray bytes after a whole one, a body on a
+            # 204): stop parsing before it can touch the first, and never reuse the socket.
+            self._desynced = True
+            self.close()
+            raise _Desynced
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
@@ -142,6 +174,7 @@ class _Connection(asyncio.Protocol):
             self._headers = []  # an interim response (103 Early Hints): wait for the real one
             return
         self._status = status
+        self.resume_writing()  # an early answer (413 mid-upload): stop waiting to write
         chunked = length = False
         for name, value in self._headers:
             lower = name.lower()
@@ -212,7 +245,7 @@ class _Connection(asyncio.Protocol):
         self._reset(head_only=head_only)
         transport = self.transport
         if transport is None or transport.is_closing():
-            raise httpx.RemoteProtocolError("upstream connection closed before the request")
+            raise _NotSent("upstream connection closed before the request")
         if body:
             transport.writelines((head, body))
         else:
@@ -254,16 +287,34 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self.keep_alive and not self.closed and not self._body
+        return (
+            self._complete
+            and self.keep_alive
+            and not self.closed
+            and not self._body
+            # The whole request went out (an early answer can come before it has).
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
+        )
 
     @property
     def received_nothing(self) -> bool:
         return not self._received
 
     def close(self) -> None:
+        """At once: ``close()`` would first flush what is still buffered (a cancelled
+        upload's body), keeping the memory and leaving the upstream uninformed."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+
+
+class _NotSent(httpx.RemoteProtocolError):
+    """The connection was found closed before a byte of the request was written."""
+
+
+class _Desynced(Exception):
+    """Raised inside a parser callback to stop httptools at a second response."""
 
 
 def _expire(waiter: asyncio.Future[None], message: str) -> None:
@@ -342,6 +393,9 @@ class H1Transport(httpx.AsyncBaseTransport):
                     head, body, head_only=head_only, write_timeout=timeout.get("write")
                 )
                 status, headers = await connection.response_head(timeout.get("read"))
+            except _NotSent:
+                connection.close()
+                continue  # nothing went out: safe to send again, whatever the method
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
                 connection.close()
                 if reused and connection.received_nothing and method in _IDEMPOTENT:
@@ -361,7 +415,8 @@ class H1Transport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if not connection.closed:
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing():
                 connection.idle = False
                 return connection
         return None
@@ -389,6 +444,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         if self._ssl_context is None:
             # Loaded on first use: plain-HTTP upstreams (tests, a local relay) never pay it.
             self._ssl_context = httpx.create_ssl_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
         return self._ssl_context
 
     def release(self, connection: _Connection) -> None:
@@ -434,12 +490,15 @@ def _default_port(scheme: bytes) -> int:
 
 
 def _request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if not _METHOD.fullmatch(method):
+        raise httpx.LocalProtocolError(f"illegal request method {method!r}")
+    lines: list[bytes] = []
     for name, value in headers:
-        for bad in _UNSAFE_HEADER_BYTES:
-            if bad in name or bad in value:
-                # Never let a stored value or a client header split the request.
-                raise httpx.LocalProtocolError(f"illegal byte in header {name!r}")
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines)
+    block = b"".join(lines)
+    # The grammar alone would pass a value that carries a whole extra "\r\nname: value":
+    # the line count catches that.
+    if not _HEADER_BLOCK.fullmatch(block) or block.count(b"\n") != len(headers) + 1:
+        raise httpx.LocalProtocolError("illegal byte in a request header name or value")
+    return b"%s %s HTTP/1.1\r\n%s" % (method, target, block)

@@ -465,10 +465,18 @@ async def _a_header_that_would_split_the_request_is_refused_before_connecting() 
 
     transport = H1Transport()
     async with serve(handler) as server:
-        bad = request("GET", server.url)
-        bad.headers["x-api-key"] = "sk-ant-test-a\r\nx-evil: 1"
+        for name, value in (
+            ("x-api-key", "sk-ant-test-a\r\nx-evil: 1"),
+            ("x-api-key", "sk-ant-test-a\nx-evil: 1"),
+            ("x-api-key", "sk-ant-test-a\0"),
+            ("x api key", "sk-ant-test-a"),
+        ):
+            bad = request("GET", server.url)
+            bad.headers[name] = value
+            with pytest.raises(httpx.LocalProtocolError):
+                await transport.handle_async_request(bad)
         with pytest.raises(httpx.LocalProtocolError):
-            await transport.handle_async_request(bad)
+            await transport.handle_async_request(request("GET\r\nx-evil: 1", server.url))
     await transport.aclose()
     assert server.connections == 0
 
@@ -581,3 +589,127 @@ def _self_signed_for_loopback() -> tuple[bytes, bytes]:
             serialization.NoEncryption(),
         ),
     )
+
+
+@pytest.mark.parametrize("then", [0.2, 30.0], ids=["hangs-up", "holds-on"])
+def test_an_early_answer_mid_upload_is_passed_on_not_timed_out(run: Run, then: float) -> None:
+    run(_an_early_answer_mid_upload_is_passed_on_not_timed_out(then))
+
+
+async def _an_early_answer_mid_upload_is_passed_on_not_timed_out(then: float) -> None:
+    """The upstream refuses a large body after its head, leaves the body unread, and hangs
+    up soon after or holds the connection open: either way the answer comes through."""
+
+    async def refuses(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\n"
+            b"too large"
+        )
+        await writer.drain()
+        await asyncio.sleep(then)
+
+    transport = H1Transport()
+    async with serve(refuses) as server:
+        upload = request("POST", server.url, body=b"x" * (64 << 20))
+        upload.extensions["timeout"]["write"] = 30.0
+        response, body = await asyncio.wait_for(fetch(transport, upload), 15)
+    await transport.aclose()
+    assert (response.status_code, body) == (413, b"too large")
+
+
+def test_an_abandoned_upload_is_dropped_at_once(run: Run) -> None:
+    run(_an_abandoned_upload_is_dropped_at_once())
+
+
+async def _an_abandoned_upload_is_dropped_at_once() -> None:
+    """The client leaves while most of the body still waits in the worker's buffer: that
+    is dropped with the socket, not sent on to an upstream that no longer needs it."""
+    total = 64 << 20
+    received = 0
+
+    async def reads_head_only(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        nonlocal received
+        await reader.readuntil(b"\r\n\r\n")
+        s.requests.append((b"head", b""))
+        await asyncio.sleep(1.0)  # the client gives up meanwhile
+        while chunk := await reader.read(1 << 20):
+            received += len(chunk)
+        s.closed_by_client.set()
+
+    transport = H1Transport()
+    async with serve(reads_head_only) as server:
+        task = asyncio.create_task(
+            transport.handle_async_request(request("POST", server.url, body=b"x" * total))
+        )
+        while not server.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(server.closed_by_client.wait(), 10)
+    await transport.aclose()
+    assert received < total // 2  # only what the kernel already held went out
+
+
+def test_a_second_response_cannot_rewrite_the_first(run: Run) -> None:
+    run(_a_second_response_cannot_rewrite_the_first())
+
+
+async def _a_second_response_cannot_rewrite_the_first() -> None:
+    async def smuggles(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        while await read_request(reader, s) is not None:
+            writer.write(
+                ok(b"ok", b"x-a: first")
+                + b"HTTP/1.1 500 Evil\r\ncontent-length: 4\r\nx-b: smuggled\r\n\r\nAAAA"
+            )
+
+    transport = H1Transport()
+    async with serve(smuggles) as server:
+        response, body = await fetch(transport, request("GET", server.url))
+        again, body2 = await fetch(transport, request("GET", server.url))
+    await transport.aclose()
+    assert (response.status_code, body, response.headers.get("x-b")) == (200, b"ok", None)
+    assert response.headers["x-a"] == "first"
+    assert (again.status_code, body2) == (200, b"ok")
+    assert server.connections == 2  # the desynchronised connection was not reused
+
+
+def test_an_endless_head_or_an_upgrade_is_a_protocol_error(run: Run) -> None:
+    run(_an_endless_head_or_an_upgrade_is_a_protocol_error())
+
+
+async def _an_endless_head_or_an_upgrade_is_a_protocol_error() -> None:
+    async def endless(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await read_request(reader, s)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        for _ in range(1024):  # 64 MiB of one header value, unless the client hangs up
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async def upgrades(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await read_request(reader, s)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: Upgrade\r\n\r\nxx"
+        )
+        await wait_closed_by_client(reader, s)
+
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: unhandled.append(ctx))
+    transport = H1Transport()
+    for handler, message in ((endless, "too large"), (upgrades, "switched protocols")):
+        async with serve(handler) as server:
+            with pytest.raises(httpx.RemoteProtocolError, match=message):
+                await fetch(transport, request("GET", server.url))
+    await transport.aclose()
+    assert unhandled == []
