@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -24,6 +25,26 @@ log = logging.getLogger("gateway.launcher")
 # A Granian server that exits on its own sooner than this after starting is taken to be
 # misconfigured (port in use, bad target) and not restarted.
 MIN_UPTIME_FOR_RESTART = 10.0
+# Below this many descriptors per worker, warn: each open stream holds two.
+FEW_FILES = 8192
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise our soft limit on open files to the hard one; the workers inherit it.
+
+    Every open stream holds two descriptors (the client's connection and the upstream's),
+    so the soft limit many systems start services with (1,024) would refuse connections
+    from about 500 streams per worker on. Returns (before, after).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a platform cap below the hard limit (macOS)
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 async def prepare_database(settings: Settings) -> None:
@@ -78,6 +99,16 @@ class Launcher:
 
     def run(self) -> int:
         settings = self.settings
+        before, after = raise_open_file_limit()
+        if after < FEW_FILES:
+            log.warning(
+                "open-file limit %d: each worker can hold about %d streams at once; raise the "
+                "hard limit (ulimit -Hn, systemd LimitNOFILE) for more",
+                after,
+                after // 2 - 16,
+            )
+        elif after != before:
+            log.info("open-file limit raised from %d to %d", before, after)
         asyncio.run(prepare_database(settings))
         resolve_master_key(settings)
         with NamespaceClaim(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -403,6 +405,28 @@ def test_restart_starts_clean_and_second_launcher_is_refused(
     )
     credential = next(iter(gates(third)["credential"].values()))
     assert (credential.cap, credential.free) == (3, 3)
+
+
+def test_workers_may_hold_as_many_files_as_the_hard_limit_allows(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """Started under a low soft limit (a service manager's 1,024, here 512), the workers
+    get the hard limit: every open stream holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard limit here is only {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        gateway = start_gateway(workers=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for pid in gateway.worker_pids():
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert line.split()[3] == str(expected)
+    if expected >= 8192:
+        assert "open-file limit raised from 512" in gateway.logs()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "", "many"])
