@@ -28,6 +28,35 @@ def test_a_burst_of_freed_memory_goes_back_to_the_system() -> None:
     del survivor
 
 
+def test_a_trimmed_heap_is_not_trimmed_again_for_nothing() -> None:
+    """Trimmed pages still count as free heap: only new growth may trigger the next trim
+    (each trim walks the whole heap, milliseconds on a fragmented one)."""
+    trimmer = HeapTrimmer(5)
+    burst = [bytearray(2048) for _ in range(32 * 1024)]
+    survivor = bytearray(2048)
+    del burst
+    assert trimmer.trim_if_worth_it() is True
+    assert trimmer.trim_if_worth_it() is False
+    assert trimmer.trim_if_worth_it() is False
+    burst = [bytearray(2048) for _ in range(32 * 1024)]  # a second burst, freed again
+    del burst
+    assert trimmer.trim_if_worth_it() is True
+    del survivor
+
+
+def test_memory_freed_without_growth_is_found_by_the_free_heap_look() -> None:
+    """Streams that end free their memory without the resident size moving."""
+    held = [bytearray(2048) for _ in range(32 * 1024)]
+    survivor = bytearray(2048)
+    trimmer = HeapTrimmer(5)  # the held memory is already counted as resident
+    del held
+    before = rss_mib(os.getpid())
+    assert trimmer.trim_if_worth_it(look_at_free=False) is False
+    assert trimmer.trim_if_worth_it(look_at_free=True) is True
+    assert before - rss_mib(os.getpid()) > 32
+    del survivor
+
+
 def test_a_small_free_heap_is_left_alone() -> None:
     trimmer = HeapTrimmer(5, worth=1 << 40)
     assert trimmer.trim_if_worth_it() is False
