@@ -2,18 +2,18 @@
 
 A burst of new streams allocates per-request objects that are freed a moment later, but
 glibc keeps the freed pages: measured on 2 workers, 2,000 streams opened at once left each
-worker about 30 MB above what the same streams hold when they open at a steady pace.
+worker 15-30 MB above what the same streams hold when they open at a steady pace.
 ``malloc_trim(0)`` hands those pages back.
 
 Neither looking nor trimming is free on a large, fragmented heap (``mallinfo2`` walks
-every free chunk: 2-3 ms; a trim 5-10 ms), and a trimmed page still counts as free heap,
-so "trim while much is free" would trim every time for nothing. The trimmer therefore
-trims on growth: every interval (``GATEWAY_HEAP_TRIM_INTERVAL``, 1 s) it reads the
-resident size (a few microseconds) and trims when that rose 4 MiB or more since the last
-trim; every fifth interval it also asks ``mallinfo2`` whether the free heap grew 4 MiB or
-more (memory freed without the resident size moving: streams that ended). Where the C
-library has no ``malloc_trim`` / ``mallinfo2`` (musl, macOS, glibc before 2.33) it does
-nothing.
+every free chunk, a trim every free page: a few milliseconds each under heavy churn), and
+a trimmed page still counts as free heap, so "trim every second while much is free"
+would keep paying for nothing once a worker has settled. So the trimmer backs off: it
+looks every ``GATEWAY_HEAP_TRIM_INTERVAL`` seconds (1 s) while trims give memory back,
+doubles the wait (up to 32 intervals) while they give back less than 4 MiB, and looks at
+once again when the resident size (a few microseconds to read) has grown 4 MiB since the
+last look. Where the C library has no ``malloc_trim`` / ``mallinfo2`` (musl, macOS,
+glibc before 2.33) it does nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Final
 
 log = logging.getLogger("gateway.heap")
 
-WORTH_TRIMMING: Final = 4 << 20  # bytes of growth, resident or free
-FREE_HEAP_EVERY: Final = 5  # looks at the resident size per look at the free heap
+WORTH_TRIMMING: Final = 4 << 20  # bytes: free heap worth a trim, growth worth a look
+MAX_BACKOFF: Final = 32.0  # intervals between full looks while trims do not pay
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -57,9 +57,6 @@ class HeapTrimmer:
             return
         self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
         self._info.argtypes, self._info.restype = [], _MallInfo2
-        self._resident_mark = self.resident_bytes()
-        self._free_mark = self.free_bytes()
-        self._looks = 0
 
     @property
     def available(self) -> bool:
@@ -74,38 +71,48 @@ class HeapTrimmer:
         with open("/proc/self/statm", "rb") as statm:
             return int(statm.read().split()[1]) * _PAGE
 
-    def trim_if_worth_it(self, *, look_at_free: bool = True) -> bool:
-        """Trim when the resident size, or (``look_at_free``) the free heap, grew by
-        ``worth`` bytes since the last trim; True if pages went back."""
+    def trim_if_worth_it(self) -> int:
+        """Trim when the heap holds at least ``worth`` free bytes; the bytes that went
+        back to the system (0 when it did not trim)."""
         if not self.available:
-            return False
-        resident = self.resident_bytes()
-        grew = resident - self._resident_mark >= self.worth
-        self._resident_mark = min(self._resident_mark, resident)
-        if not grew and look_at_free:
-            free = self.free_bytes()
-            grew = free - self._free_mark >= self.worth
-            self._free_mark = min(self._free_mark, free)  # reused memory is resident again
-        if not grew:
-            return False
+            return 0
+        free = self.free_bytes()
+        if free < self.worth:
+            return 0
         started = time.perf_counter()
-        released = bool(self._trim(0))
-        self._resident_mark, self._free_mark = self.resident_bytes(), self.free_bytes()
+        before = self.resident_bytes()
+        self._trim(0)
+        released = max(0, before - self.resident_bytes())
         log.debug(
             "heap trimmed",
             extra={
-                "resident_before": resident,
-                "resident_after": self._resident_mark,
+                "free_bytes": free,
+                "released": released,
                 "ms": round((time.perf_counter() - started) * 1e3, 2),
             },
         )
         return released
 
+    def next_wait(self, wait: float, released: int) -> float:
+        """Intervals to wait before the next full look, after one that gave back
+        ``released`` bytes: back to one when it paid, doubled (up to 32) when not."""
+        if released >= self.worth:
+            return 1
+        return min(wait * 2, MAX_BACKOFF)
+
     async def run(self) -> None:
-        """Until cancelled: look every ``interval`` seconds, at the free heap every fifth."""
+        """Until cancelled: a cheap look at the resident size every interval, a full look
+        (free heap, then a trim) when it grew or when the backed-off wait is over."""
         if not self.available or self.interval <= 0:
             return
+        wait, waited = 1.0, 0
+        mark = self.resident_bytes()
         while True:
             await asyncio.sleep(self.interval)
-            self._looks += 1
-            self.trim_if_worth_it(look_at_free=self._looks % FREE_HEAP_EVERY == 0)
+            waited += 1
+            resident = self.resident_bytes()
+            if resident - mark < self.worth and waited < wait:
+                mark = min(mark, resident)
+                continue
+            wait, waited = self.next_wait(wait, self.trim_if_worth_it()), 0
+            mark = self.resident_bytes()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gateway.heap import HeapTrimmer
+from gateway.heap import WORTH_TRIMMING, HeapTrimmer
 from tests.fixtures.gateway import rss_mib
 
 pytestmark = pytest.mark.skipif(not HeapTrimmer(1).available, reason="no malloc_trim here")
@@ -23,43 +23,56 @@ def test_a_burst_of_freed_memory_goes_back_to_the_system() -> None:
     held = rss_mib(os.getpid())
     assert trimmer.free_bytes() >= 32 << 20
 
-    assert trimmer.trim_if_worth_it() is True
-    assert held - rss_mib(os.getpid()) > 32  # most of the 64 MiB went back
+    assert trimmer.trim_if_worth_it() > 32 << 20  # most of the 64 MiB went back
+    assert held - rss_mib(os.getpid()) > 32
+    # Trimmed pages still count as free heap: the next trim runs, and gives nothing back.
+    assert trimmer.free_bytes() >= 32 << 20
+    assert trimmer.trim_if_worth_it() < WORTH_TRIMMING
     del survivor
 
 
-def test_a_trimmed_heap_is_not_trimmed_again_for_nothing() -> None:
-    """Trimmed pages still count as free heap: only new growth may trigger the next trim
-    (each trim walks the whole heap, milliseconds on a fragmented one)."""
-    trimmer = HeapTrimmer(5)
-    burst = [bytearray(2048) for _ in range(32 * 1024)]
-    survivor = bytearray(2048)
-    del burst
-    assert trimmer.trim_if_worth_it() is True
-    assert trimmer.trim_if_worth_it() is False
-    assert trimmer.trim_if_worth_it() is False
-    burst = [bytearray(2048) for _ in range(32 * 1024)]  # a second burst, freed again
-    del burst
-    assert trimmer.trim_if_worth_it() is True
-    del survivor
+class _Counting(HeapTrimmer):
+    """The real scheduling loop, with the heap replaced by counters."""
+
+    def __init__(self, pays: bool) -> None:
+        self.pays = pays
+        self.reads = self.looks = 0
+        super().__init__(0.005)
+        assert self.available
+
+    def resident_bytes(self) -> int:  # type: ignore[override]
+        self.reads += 1
+        return 100 << 20  # flat: no growth ever calls for a look
+
+    def trim_if_worth_it(self) -> int:
+        self.looks += 1
+        return self.worth if self.pays else 0
 
 
-def test_memory_freed_without_growth_is_found_by_the_free_heap_look() -> None:
-    """Streams that end free their memory without the resident size moving."""
-    held = [bytearray(2048) for _ in range(32 * 1024)]
-    survivor = bytearray(2048)
-    trimmer = HeapTrimmer(5)  # the held memory is already counted as resident
-    del held
-    before = rss_mib(os.getpid())
-    assert trimmer.trim_if_worth_it(look_at_free=False) is False
-    assert trimmer.trim_if_worth_it(look_at_free=True) is True
-    assert before - rss_mib(os.getpid()) > 32
-    del survivor
+@pytest.mark.parametrize("pays", [True, False])
+async def test_full_looks_back_off_while_trims_do_not_pay(pays: bool) -> None:
+    trimmer = _Counting(pays)
+    task = asyncio.create_task(trimmer.run())
+    async with asyncio.timeout(60):
+        while trimmer.reads - trimmer.looks < 200:  # about 200 intervals
+            await asyncio.sleep(0.01)
+    task.cancel()
+    intervals = trimmer.reads - trimmer.looks - 1
+    if pays:
+        assert trimmer.looks >= intervals - 1  # every interval while trims give memory back
+    else:
+        assert trimmer.looks <= 12  # after intervals 1, 3, 7, 15, 31, then every 32: 10 in 200
+
+
+def test_the_wait_doubles_up_to_a_cap_and_resets_when_a_trim_pays() -> None:
+    trimmer = HeapTrimmer(1)
+    assert [trimmer.next_wait(w, 0) for w in (1, 2, 16, 32)] == [2, 4, 32, 32]
+    assert trimmer.next_wait(32, WORTH_TRIMMING) == 1
 
 
 def test_a_small_free_heap_is_left_alone() -> None:
     trimmer = HeapTrimmer(5, worth=1 << 40)
-    assert trimmer.trim_if_worth_it() is False
+    assert trimmer.trim_if_worth_it() == 0
 
 
 async def test_interval_zero_never_runs() -> None:
