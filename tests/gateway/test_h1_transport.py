@@ -94,6 +94,23 @@ async def wait_closed_by_client(reader: asyncio.StreamReader, server: Server) ->
     server.closed_by_client.set()
 
 
+async def answers_nothing(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+) -> None:
+    """Reads the request, then only waits for the client to hang up."""
+    await read_request(reader, s)
+    await wait_closed_by_client(reader, s)
+
+
+async def sends_one_event_then_waits(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+) -> None:
+    """Headers and one chunk of an SSE stream, no end; then waits for the client."""
+    await read_request(reader, s)
+    writer.write(chunked(b"event: first\n\n")[:-5])
+    await wait_closed_by_client(reader, s)
+
+
 def ok(body: bytes, *extra: bytes) -> bytes:
     headers = b"".join(h + b"\r\n" for h in extra)
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), headers, body)
@@ -193,16 +210,8 @@ def test_a_half_read_stream_closes_its_connection(run: Run) -> None:
 
 async def _a_half_read_stream_closes_its_connection() -> None:
     """A client that leaves mid-stream: the upstream must see the connection end at once."""
-
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await read_request(reader, s)
-        writer.write(chunked(b"event: first\n\n")[:-5])  # headers and one chunk, no end
-        await wait_closed_by_client(reader, s)
-
     transport = H1Transport()
-    async with serve(handler) as server:
+    async with serve(sends_one_event_then_waits) as server:
         response = await transport.handle_async_request(request("POST", server.url))
         async for chunk in response.stream:  # type: ignore[union-attr]
             assert chunk == b"event: first\n\n"
@@ -218,21 +227,12 @@ def test_read_timeouts_before_the_headers_and_between_chunks(run: Run) -> None:
 
 
 async def _read_timeouts_before_the_headers_and_between_chunks() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server) -> None:
-        await read_request(reader, s)
-        await wait_closed_by_client(reader, s)
-
-    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server) -> None:
-        await read_request(reader, s)
-        writer.write(chunked(b"event: first\n\n")[:-5])
-        await wait_closed_by_client(reader, s)
-
     transport = H1Transport()
-    async with serve(silent) as server:
+    async with serve(answers_nothing) as server:
         with pytest.raises(httpx.ReadTimeout):
             await transport.handle_async_request(request("POST", server.url, read=0.2))
         await asyncio.wait_for(server.closed_by_client.wait(), 5)
-    async with serve(stalls) as server:
+    async with serve(sends_one_event_then_waits) as server:
         response = await transport.handle_async_request(request("POST", server.url, read=0.2))
         chunks = []
         with pytest.raises(httpx.ReadTimeout):
@@ -486,12 +486,8 @@ def test_cancelling_before_the_response_closes_the_connection(run: Run) -> None:
 
 
 async def _cancelling_before_the_response_closes_the_connection() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server) -> None:
-        await read_request(reader, s)
-        await wait_closed_by_client(reader, s)
-
     transport = H1Transport()
-    async with serve(silent) as server:
+    async with serve(answers_nothing) as server:
         task = asyncio.create_task(transport.handle_async_request(request("POST", server.url)))
         while not server.requests:
             await asyncio.sleep(0.01)
