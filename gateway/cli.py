@@ -7,14 +7,24 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
+import msgspec
 
 from gateway.logs import configure_logging
 from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
+from ipc.caps import apply_cap, read_state
 from ipc.errors import IpcError
-from ipc.namespace import bump_generations, held_by_ledgers, unlink_user_gates, usage
+from ipc.namespace import (
+    bump_generations,
+    held_by_ledgers,
+    launcher_pid,
+    running_namespaces,
+    unlink_user_gates,
+    usage,
+)
+from ipc.naming import credential_gate_name
 from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import connected
@@ -42,8 +52,24 @@ def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
-def _announce_change(settings: Settings, *, deleted_user: uuid.UUID | None = None) -> None:
-    """Running gateways over this database drop their caches on their next request."""
+def _announce_change(
+    settings: Settings,
+    *,
+    deleted_user: uuid.UUID | None = None,
+    cap_change: repository.KeyChange | None = None,
+) -> None:
+    """Running gateways over this database apply a cap change at once and drop their
+    caches on their next request."""
+    if cap_change is not None and cap_change.current is not None:
+        for namespace in running_namespaces(
+            namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
+        ):
+            apply_cap(
+                namespace,
+                cap_change.user_id,
+                version=cap_change.current.cap_version,
+                cap=cap_change.current.max_concurrent,
+            )
     namespaces = bump_generations(
         namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
     )
@@ -230,6 +256,34 @@ def users_delete(name: str) -> None:
     click.echo(f"deleted user {name}")
 
 
+@users.command("set-cap")
+@click.argument("name")
+@click.argument("cap", type=click.IntRange(1, 256))
+def users_set_cap(name: str, cap: int) -> None:
+    """Set user NAME's concurrency cap to CAP (1..256), as the settings API would.
+
+    A running gateway applies it at once: a lowered cap counts the requests still in
+    flight and admits nothing new until enough of them have ended.
+    """
+    settings = _settings()
+
+    async def work() -> repository.KeyChange | None:
+        user = await repository.get_user(name)
+        if user is None:
+            raise click.ClickException(f"no user named {name!r}")
+        return await repository.update_cap(user.id, cap)
+
+    change = _with_database(settings, work)
+    if change is None:
+        raise click.ClickException(
+            f"user {name!r} has no Anthropic key stored; a cap needs a key "
+            "(PUT /api/v1/me/anthropic-key)"
+        )
+    _announce_change(settings, cap_change=change)
+    previous = change.previous.max_concurrent if change.previous is not None else None
+    click.echo(f"cap of {name}: {previous} -> {cap}")
+
+
 @main.group()
 def tokens() -> None:
     """Issue, list and revoke gateway tokens."""
@@ -283,46 +337,126 @@ def tokens_revoke(token_id: int) -> None:
     click.echo(f"revoked token {token_id}")
 
 
+class _CapRow(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    scope: str
+    user_id: str | None
+    user: str | None
+    cap: int
+    in_use: int
+    free: int
+    to_drain: int
+    held_by_live_workers: int
+
+
+def _cap_rows(namespace: str, keys: list[repository.KeyCap]) -> list[_CapRow]:
+    """The global gate, then every credential with a stored key (open or not yet)."""
+    held = held_by_ledgers(namespace)
+    global_rows = [
+        _CapRow(
+            namespace=namespace,
+            name=gate.name,
+            scope="global",
+            user_id=None,
+            user=None,
+            cap=gate.cap,
+            in_use=gate.in_use,
+            free=gate.free,
+            to_drain=0,
+            held_by_live_workers=held.get(gate.name, 0),
+        )
+        for gate in usage(namespace)
+        if gate.scope == "global"
+    ]
+    credential_rows = []
+    for key in keys:
+        gate_name = credential_gate_name(namespace, key.user_id)
+        state = read_state(namespace, key.user_id)
+        cap = key.max_concurrent if state is None else state.cap
+        in_use = 0 if state is None else state.in_use
+        credential_rows.append(
+            _CapRow(
+                namespace=namespace,
+                name=gate_name,
+                scope="credential",
+                user_id=str(key.user_id),
+                user=key.user_name,
+                cap=cap,
+                in_use=in_use,
+                free=max(0, cap - in_use),
+                to_drain=max(0, in_use - cap),
+                held_by_live_workers=held.get(gate_name, 0),
+            )
+        )
+    credential_rows.sort(key=lambda row: (-row.in_use, row.user or ""))
+    return global_rows + credential_rows
+
+
+def _table(rows: list[_CapRow]) -> list[str]:
+    header = ("scope", "user", "cap", "in use", "free", "to drain")
+    cells = [
+        (
+            row.scope,
+            row.user or "-",
+            str(row.cap),
+            str(row.in_use),
+            str(row.free),
+            str(row.to_drain) if row.to_drain else "-",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    lines = []
+    for line in [header, *cells]:
+        left = [line[i].ljust(widths[i]) for i in (0, 1)]
+        right = [line[i].rjust(widths[i]) for i in range(2, len(header))]
+        lines.append("  ".join(left + right).rstrip())
+    return lines
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per gate.")
-@click.option(
-    "--port",
-    envvar="GATEWAY_PORT",
-    type=int,
-    default=8080,
-    show_default=True,
-    help="The port of the gateway whose namespace to show (when not explicit).",
-)
 @click.option(
     "--namespace",
     envvar="GATEWAY_IPC_NAMESPACE",
     default=None,
-    help="The IPC namespace (default: derived from the database and port).",
+    help="The IPC namespace of one gateway (default: every gateway running over this "
+    "database, however its namespace was set).",
 )
-def caps(as_json: bool, port: int, namespace: str | None) -> None:
-    """Show every semaphore of the running namespace: scope, user, version, cap, use."""
-    import msgspec
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help="Only the gateway whose default namespace is derived from this port.",
+)
+def caps(as_json: bool, namespace: str | None, port: int | None) -> None:
+    """Every gate of the running gateway: the global cap and each user's cap, in use,
+    free, and requests still to drain after a lowered cap.
 
+    Exits with status 1 when no running gateway is found.
+    """
     settings = _settings(port=port, ipc_namespace=namespace)
-    rows = usage(settings.ipc_namespace)
-    if as_json:
-        held = held_by_ledgers(settings.ipc_namespace)
-        for row in rows:
-            out: dict[str, Any] = msgspec.to_builtins(row)
-            out["held_by_live_workers"] = held.get(row.name, 0)
-            click.echo(msgspec.json.encode(out))
-        return
-    if not rows:
-        click.echo(f"no gates in namespace {settings.ipc_namespace} (is the gateway running?)")
-        return
-    click.echo(
-        f"{'scope':<11} {'user':<36} {'cap version':>16} {'cap':>4} {'in use':>6} {'free':>5}"
-    )
-    for row in rows:
-        click.echo(
-            f"{row.scope:<11} {row.user_id or '-':<36} {row.cap_version or '-':>16} "
-            f"{row.cap:>4} {row.in_use:>6} {row.free:>5}"
-        )
+    prefix = namespace_prefix(settings.database_url)
+    if namespace is not None or port is not None:
+        found = [settings.ipc_namespace] if launcher_pid(settings.ipc_namespace) else []
+    else:
+        found = running_namespaces(prefix)
+    if not found:
+        where = settings.ipc_namespace if namespace or port else f"database {settings.database_url}"
+        raise click.ClickException(f"no running gateway found ({where}); is it running?")
+    keys = _with_database(settings, repository.list_key_caps)
+    for index, running in enumerate(found):
+        rows = _cap_rows(running, keys)
+        if as_json:
+            for row in rows:
+                click.echo(msgspec.json.encode(row))
+            continue
+        if index:
+            click.echo()
+        click.echo(f"gateway namespace {running} (launcher pid {launcher_pid(running)})")
+        for line in _table(rows):
+            click.echo(line)
 
 
 if __name__ == "__main__":

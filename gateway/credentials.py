@@ -13,7 +13,8 @@ import logging
 import uuid
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
-from ipc.gates import Gate, Gatekeeper
+from ipc.caps import CredentialGate
+from ipc.gates import Gatekeeper
 from storage import repository
 from storage.crypto import MasterKey
 from storage.errors import DecryptionError, StorageError
@@ -30,7 +31,7 @@ NO_KEY_MESSAGE = (
 class ResolvedCredential:
     __slots__ = ("api_key", "gate", "user_id")
 
-    def __init__(self, user_id: uuid.UUID, api_key: str, gate: Gate) -> None:
+    def __init__(self, user_id: uuid.UUID, api_key: str, gate: CredentialGate) -> None:
         self.user_id = user_id
         self.api_key = api_key
         self.gate = gate
@@ -63,7 +64,6 @@ class CredentialCache:
         return await self._load(token_hash)
 
     async def _load(self, token_hash: str) -> ResolvedCredential:
-        stale_gate: Gate | None = None
         while True:
             before = self._sync()
             try:
@@ -79,20 +79,18 @@ class CredentialCache:
             if stored is None:
                 raise AuthenticationFailed(NO_KEY_MESSAGE)
             api_key = self._decrypt(stored.ciphertext, stored.nonce, found.user_id)
+            # Brings the shared gate to the row's cap if no later change is applied yet
+            # (a change whose worker died before applying it is applied here).
             gate = self._gatekeeper.credential_gate(
                 found.user_id, stored.cap_version, stored.max_concurrent
             )
-            if stale_gate is not None and stale_gate.name != gate.name:
-                # We may have re-created a name a settings change had just unlinked.
-                self._gatekeeper.unlink_name(stale_gate.name)
             if self._gatekeeper.generation() == before:
-                # No change landed between our read and the open: the name is current.
+                # No change landed between our read and now: the row may be cached.
                 entry = ResolvedCredential(found.user_id, api_key, gate)
                 if len(self._entries) >= self._max_entries:
                     del self._entries[next(iter(self._entries))]
                 self._entries[token_hash] = entry
                 return entry
-            stale_gate = gate
 
     def _decrypt(self, ciphertext: bytes, nonce: bytes, user_id: uuid.UUID) -> str:
         if self._master_key is None:

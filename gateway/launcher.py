@@ -14,6 +14,7 @@ from types import FrameType
 
 import msgspec
 
+from gateway.cap_sync import CapSync
 from gateway.resources import resolve_master_key
 from gateway.settings import GranianOptions, Settings, namespace_prefix
 from ipc.namespace import NamespaceClaim
@@ -118,11 +119,14 @@ class Launcher:
         ):
             reaper = Reaper(settings.ipc_namespace)
             reaper.start()
+            cap_sync = CapSync(settings.ipc_namespace, settings.database_url)
+            cap_sync.start()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, self._on_signal)
             try:
                 return self._supervise()
             finally:
+                cap_sync.stop()
                 reaper.stop()
                 reap_once(settings.ipc_namespace)
 

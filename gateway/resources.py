@@ -11,6 +11,7 @@ from gateway.heap import HeapTrimmer
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
+from ipc.caps import apply_cap
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
 from storage.crypto import MasterKey, load_or_create_master_key_file
@@ -82,14 +83,16 @@ class WorkerResources(ProxyRuntime):
         return self.master_key
 
     def key_changed(self, change: KeyChange) -> None:
-        """After the commit: tell every worker, then retire the old semaphore name.
+        """After the commit: resize the credential's gate in place, then tell every worker.
 
-        Order matters: a worker that read the old row before our commit re-checks the
-        counter after opening the old name, so the bump must land before the unlink.
+        Resized before the answer goes out, so from the client's view the new cap holds
+        from the moment its PUT returns; a later change applied first wins (by version).
         """
-        self.gatekeeper.bump_generation()
-        previous, current = change.previous, change.current
-        if previous is not None and previous != current:
-            self.gatekeeper.unlink_credential_gate(
-                change.user_id, previous.cap_version, previous.max_concurrent
+        if change.current is not None:
+            apply_cap(
+                self.settings.ipc_namespace,
+                change.user_id,
+                version=change.current.cap_version,
+                cap=change.current.max_concurrent,
             )
+        self.gatekeeper.bump_generation()

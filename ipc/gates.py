@@ -2,24 +2,38 @@
 
 A worker opens each semaphore once and keeps it (opening costs microseconds; a try plus
 a release well under one). Permits are recorded in the worker's ledger after the
-semaphore call succeeds and un-recorded before the release (see ``ipc.ledger``).
+semaphore call succeeds and un-recorded before the release (see ``ipc.ledger``). A
+credential's gate is resized in place when its cap changes (see ``ipc.caps``).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 import posix_ipc
 
+from ipc.caps import CredentialGate, open_credential_gate
 from ipc.errors import LedgerFull, NamespaceMissing
 from ipc.ledger import Ledger
-from ipc.naming import credential_gate_name, generation_name, global_gate_name
+from ipc.naming import generation_name, global_gate_name
+
+
+class AnyGate(Protocol):
+    name: str
+    holders: int
+    retired: bool
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Gate:
-    """One counting semaphore: ``cap`` permits shared by every worker."""
+    """The global gate: one counting semaphore of ``cap`` permits shared by every worker."""
 
     __slots__ = ("_sem", "cap", "holders", "name", "retired")
 
@@ -58,7 +72,7 @@ class Permit:
 
     __slots__ = ("_gates", "_ledger", "released")
 
-    def __init__(self, gates: tuple[Gate, ...], ledger: Ledger) -> None:
+    def __init__(self, gates: tuple[AnyGate, ...], ledger: Ledger) -> None:
         self._gates = gates
         self._ledger = ledger
         self.released = False
@@ -73,7 +87,7 @@ class Permit:
         return True
 
 
-def _recorded(gate: Gate, ledger: Ledger) -> None:
+def _recorded(gate: AnyGate, ledger: Ledger) -> None:
     """Write down a permit just acquired; if the ledger is full, release it unrecorded."""
     try:
         ledger.record(gate.name)
@@ -83,7 +97,7 @@ def _recorded(gate: Gate, ledger: Ledger) -> None:
     gate.holders += 1
 
 
-def _give_back(gate: Gate, ledger: Ledger) -> None:
+def _give_back(gate: AnyGate, ledger: Ledger) -> None:
     ledger.unrecord(gate.name)
     gate.release()
     gate.holders -= 1
@@ -115,7 +129,7 @@ class Gatekeeper:
                     "PROXY_MAX_GLOBAL_CONCURRENT"
                 ) from None
             self.global_gate = Gate(name, global_cap, sem)
-        self._credential_gates: dict[str, Gate] = {}
+        self._credential_gates: dict[uuid.UUID, CredentialGate] = {}
 
     # The change counter: every settings change bumps it; every request compares it.
 
@@ -127,34 +141,30 @@ class Gatekeeper:
 
     # Credential gates.
 
-    def credential_gate(self, user_id: uuid.UUID, cap_version: int, cap: int) -> Gate:
-        name = credential_gate_name(self.namespace, user_id, cap_version, cap)
-        gate = self._credential_gates.get(name)
+    def credential_gate(self, user_id: uuid.UUID, cap_version: int, cap: int) -> CredentialGate:
+        """The credential's gate, brought to ``cap`` if ``cap_version`` is newer than what
+        this worker has seen applied (a no-op on every request but the first after a
+        change)."""
+        gate = self._credential_gates.get(user_id)
         if gate is None:
-            # Every worker derives the same name from the same row, so O_CREAT either
-            # creates it with the row's cap or opens the one another worker created.
-            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=0o600, initial_value=cap)
-            gate = self._credential_gates[name] = Gate(name, cap, sem)
+            gate = open_credential_gate(self.namespace, user_id, version=cap_version, cap=cap)
+            self._credential_gates[user_id] = gate
+        elif cap_version > gate.version:
+            gate.apply(cap_version, cap)
         return gate
 
     def forget_credential_gates(self) -> None:
-        """Drop every cached credential gate (after a settings change anywhere)."""
+        """Close every credential gate (one with permits out closes when they come back):
+        after a change anywhere, so a deleted user's gate does not stay mapped."""
         for gate in self._credential_gates.values():
             gate.retired = True
             if not gate.holders:
                 gate.close()
         self._credential_gates.clear()
 
-    def unlink_credential_gate(self, user_id: uuid.UUID, cap_version: int, cap: int) -> None:
-        """Remove an old name; holders keep their handles and release onto it."""
-        unlink_semaphore(credential_gate_name(self.namespace, user_id, cap_version, cap))
-
-    def unlink_name(self, name: str) -> None:
-        unlink_semaphore(name)
-
     # Admission.
 
-    def admit(self, credential: Gate) -> Permit | Rejected:
+    def admit(self, credential: CredentialGate) -> Permit | Rejected:
         ledger = self.ledger
         global_gate = self.global_gate
         if global_gate is not None:
@@ -171,7 +181,9 @@ class Gatekeeper:
             if global_gate is not None:
                 _give_back(global_gate, ledger)
             raise
-        gates = (credential,) if global_gate is None else (global_gate, credential)
+        gates: tuple[AnyGate, ...] = (
+            (credential,) if global_gate is None else (global_gate, credential)
+        )
         return Permit(gates, ledger)
 
     def close(self) -> None:

@@ -10,12 +10,15 @@ import uuid
 import msgspec
 import posix_ipc
 
-from ipc.errors import NamespaceBusy
+from ipc.caps import read_state, unlink_credential
+from ipc.errors import IpcError, NamespaceBusy
 from ipc.gates import unlink_semaphore
 from ipc.ledger import read_ledger, unlink_ledger
 from ipc.naming import (
+    credential_gate_name,
     generation_name,
     global_gate_name,
+    list_cap_records,
     list_ledgers,
     list_lock_files,
     list_namespaces,
@@ -88,20 +91,19 @@ class NamespaceClaim:
 
 
 def purge(namespace: str) -> int:
-    """Unlink every semaphore and ledger of the namespace; the count removed."""
+    """Unlink every semaphore, cap record and ledger of the namespace; the count removed."""
     removed = 0
     for name in list_semaphores(namespace):
         removed += unlink_semaphore(name)
-    for name in list_ledgers(namespace):
-        unlink_ledger(name)
+    for name in [*list_ledgers(namespace), *(record for _, record in list_cap_records(namespace))]:
+        unlink_ledger(name)  # any shared memory object, by name
         removed += 1
     return removed
 
 
-def unlink_user_gates(namespace: str, user_id: uuid.UUID) -> int:
-    """Remove every gate of a deleted user; holders release onto their open handles."""
-    marker = f".c.{user_id.hex}."
-    return sum(unlink_semaphore(name) for name in list_semaphores(namespace) if marker in name)
+def unlink_user_gates(namespace: str, user_id: uuid.UUID) -> None:
+    """Remove a deleted user's gate; holders release onto their open handles."""
+    unlink_credential(namespace, user_id)
 
 
 def bump_generation(namespace: str) -> bool:
@@ -120,10 +122,38 @@ def bump_generation(namespace: str) -> bool:
 def bump_generations(prefix: str, *, explicit: str | None = None) -> list[str]:
     """Bump ``explicit``, every namespace whose name starts with ``prefix``, and every
     namespace whose launcher tagged it with ``prefix``."""
+    return sorted(ns for ns in _candidates(prefix, explicit) if bump_generation(ns))
+
+
+def running_namespaces(prefix: str, *, explicit: str | None = None) -> list[str]:
+    """The namespaces among those ``bump_generations`` would reach whose launcher runs."""
+    return sorted(ns for ns in _candidates(prefix, explicit) if launcher_pid(ns) is not None)
+
+
+def launcher_pid(namespace: str) -> int | None:
+    """The pid of the launcher holding ``namespace``; None when no launcher holds it."""
+    try:
+        validate_namespace(namespace)
+        fd = os.open(lock_path(namespace), os.O_RDONLY)
+    except (OSError, IpcError):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(lock_path(namespace))
+            return int(pid) if pid.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # a lock file left by a launcher that was killed
+    finally:
+        os.close(fd)
+
+
+def _candidates(prefix: str, explicit: str | None) -> set[str]:
     names = set(list_namespaces(prefix)) | set(tagged_namespaces(prefix))
     if explicit:
         names.add(explicit)
-    return sorted(ns for ns in names if bump_generation(ns))
+    return names
 
 
 def tagged_namespaces(tag: str) -> list[str]:
@@ -140,13 +170,16 @@ def tagged_namespaces(tag: str) -> list[str]:
 
 
 class GateUsage(msgspec.Struct, frozen=True):
+    """One gate as it stands: for a credential, ``cap`` is the cap in force and
+    ``to_drain`` the requests in flight above it (after a lowered cap)."""
+
     name: str
     scope: str
     user_id: str | None
-    cap_version: int | None
     cap: int
     in_use: int
     free: int
+    to_drain: int = 0
 
 
 def usage(namespace: str) -> list[GateUsage]:
@@ -154,7 +187,7 @@ def usage(namespace: str) -> list[GateUsage]:
     rows = []
     for name in list_semaphores(namespace):
         parsed = parse_gate_name(name)
-        if parsed is None:
+        if parsed is None or parsed.scope != "global" or parsed.cap is None:
             continue
         try:
             sem = posix_ipc.Semaphore(name)
@@ -167,12 +200,26 @@ def usage(namespace: str) -> list[GateUsage]:
         rows.append(
             GateUsage(
                 name=name,
-                scope=parsed.scope,
-                user_id=str(parsed.user_id) if parsed.user_id else None,
-                cap_version=parsed.cap_version,
+                scope="global",
+                user_id=None,
                 cap=parsed.cap,
                 in_use=parsed.cap - free,
                 free=free,
+            )
+        )
+    for user_id, _record in list_cap_records(namespace):
+        state = read_state(namespace, user_id)
+        if state is None:
+            continue
+        rows.append(
+            GateUsage(
+                name=credential_gate_name(namespace, user_id),
+                scope="credential",
+                user_id=str(user_id),
+                cap=state.cap,
+                in_use=state.in_use,
+                free=max(0, state.cap - state.in_use),
+                to_drain=state.to_drain,
             )
         )
     return rows

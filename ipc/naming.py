@@ -3,10 +3,15 @@
 Every name starts with ``/{namespace}.`` so a namespace's objects can be listed and
 removed together, and two deployments (or two tests) never share one.
 
-    /{ns}.gen                                 change counter (a semaphore used as a counter)
-    /{ns}.g.{cap}                             the global gate
-    /{ns}.c.{user hex}.{cap version}.{cap}    one credential's gate at one cap version
-    /{ns}.l.{pid}                             a worker's ledger (shared memory)
+    /{ns}.gen              change counter (a semaphore used as a counter)
+    /{ns}.g.{cap}          the global gate
+    /{ns}.c.{user hex}     one credential's gate: its free permits (resized in place)
+    /{ns}.d.{user hex}     that credential's debt: permits still to take back after a lowered cap
+    /{ns}.k.{user hex}     that credential's cap record (shared memory; see ``ipc.caps``)
+    /{ns}.l.{pid}          a worker's ledger (shared memory)
+
+A credential's names carry its user id alone, never its cap: a cap change resizes the
+same semaphore, so every request in flight, old and new, counts against one counter.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ _NAMESPACE_RE: Final = re.compile(rf"^[A-Za-z0-9_-]{{1,{NAMESPACE_MAX}}}$")
 
 
 class GateName(msgspec.Struct, frozen=True):
+    """What a gate's name says: the global gate carries its cap, a credential's its user."""
+
     name: str
     scope: Literal["global", "credential"]
-    cap: int
+    cap: int | None = None
     user_id: uuid.UUID | None = None
-    cap_version: int | None = None
 
 
 def validate_namespace(namespace: str) -> str:
@@ -59,8 +65,16 @@ def global_gate_name(namespace: str, cap: int) -> str:
     return _checked(f"/{namespace}.g.{cap}")
 
 
-def credential_gate_name(namespace: str, user_id: uuid.UUID, cap_version: int, cap: int) -> str:
-    return _checked(f"/{namespace}.c.{user_id.hex}.{cap_version}.{cap}")
+def credential_gate_name(namespace: str, user_id: uuid.UUID) -> str:
+    return _checked(f"/{namespace}.c.{user_id.hex}")
+
+
+def credential_debt_name(namespace: str, user_id: uuid.UUID) -> str:
+    return _checked(f"/{namespace}.d.{user_id.hex}")
+
+
+def cap_record_name(namespace: str, user_id: uuid.UUID) -> str:
+    return _checked(f"/{namespace}.k.{user_id.hex}")
 
 
 def ledger_name(namespace: str, pid: int) -> str:
@@ -72,19 +86,15 @@ def lock_path(namespace: str) -> Path:
 
 
 def parse_gate_name(name: str) -> GateName | None:
-    """The scope, user, cap version and cap a gate's name carries; None for other names."""
+    """The scope and the cap or user a gate's name carries; None for other names."""
     parts = name.lstrip("/").split(".")
+    if len(parts) != 3:
+        return None
     try:
-        if len(parts) == 3 and parts[1] == "g":
+        if parts[1] == "g":
             return GateName(name=name, scope="global", cap=int(parts[2]))
-        if len(parts) == 5 and parts[1] == "c":
-            return GateName(
-                name=name,
-                scope="credential",
-                cap=int(parts[4]),
-                user_id=uuid.UUID(hex=parts[2]),
-                cap_version=int(parts[3]),
-            )
+        if parts[1] == "c" and len(parts[2]) == 32:
+            return GateName(name=name, scope="credential", user_id=uuid.UUID(hex=parts[2]))
     except ValueError:
         return None
     return None
@@ -99,6 +109,19 @@ def list_semaphores(namespace: str) -> list[str]:
 def list_ledgers(namespace: str) -> list[str]:
     prefix = f"{namespace}.l."
     return sorted("/" + p.name for p in _shm_entries() if p.name.startswith(prefix))
+
+
+def list_cap_records(namespace: str) -> list[tuple[uuid.UUID, str]]:
+    """(user id, record name) of every credential whose cap record exists."""
+    prefix = f"{namespace}.k."
+    found = []
+    for entry in _shm_entries():
+        if entry.name.startswith(prefix):
+            try:
+                found.append((uuid.UUID(hex=entry.name[len(prefix) :]), "/" + entry.name))
+            except ValueError:
+                continue
+    return sorted(found)
 
 
 def list_lock_files() -> list[Path]:

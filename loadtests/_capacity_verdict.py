@@ -71,38 +71,44 @@ def cap_after_changes(
     key: str,
     changes: Sequence[tuple[float, int]],
     initial_cap: int,
-    settle: float,
+    grace: float,
     observed: int,
 ) -> Check:
-    """A changed cap binds once the streams admitted under the old one have ended.
+    """The upstream never exceeds the cap in force, counting requests admitted under an
+    earlier cap.
 
-    Right after a change the old and the new gate both hold permits (by design: requests
-    in flight release onto the old one), so only samples ``settle`` seconds after the last
-    change are held to the cap then in force, and the most ever in flight to the sum of
-    the two largest caps.
+    A lowered cap admits nothing until the requests still in flight are below it, so the
+    key's in-flight count may stay above the new cap only while it falls: each sample is
+    held to a ceiling that starts at the cap in force, becomes the count when a lowering
+    finds more in flight (never more than the ceiling before it), and comes down with the
+    count to the cap. A change binds ``grace`` seconds after its PUT returned (requests
+    admitted just before it are still on their way to the upstream). The most ever in
+    flight is at most the largest cap ever in force.
     """
     caps = sorted({initial_cap, *(cap for _, cap in changes)})
-    bound = sum(caps[-2:])
+    pending = sorted(changes)
+    cap = ceiling = initial_cap
     over: list[str] = []
     checked = 0
-    for sample in samples:
+    for sample in sorted(samples, key=lambda s: s.at):
+        count = sample.keys.get(key, 0)
+        while pending and pending[0][0] + grace <= sample.at:
+            _, cap = pending.pop(0)
+            ceiling = max(cap, min(ceiling, count))
+        if pending and pending[0][0] <= sample.at:
+            continue  # a change under way: its requests in transit are not judged
+        ceiling = max(cap, min(ceiling, count))
         if not window.holds(sample.at):
             continue
-        cap, since = initial_cap, float("-inf")  # in force since before the load
-        for at, new_cap in changes:
-            if at <= sample.at:
-                cap, since = new_cap, at
-        if sample.at - since < settle:
-            continue
         checked += 1
-        if sample.keys.get(key, 0) > cap:
-            over.append(f"{sample.keys.get(key, 0)} > {cap}")
-    passed = not over and observed <= bound
+        if count > ceiling:
+            over.append(f"{count} > {ceiling} (cap {cap})")
+    passed = not over and observed <= caps[-1]
     examples = f" ({', '.join(over[:3])})" if over else ""
     detail = (
-        f"{len(changes)} changes among {caps}; {checked} settled samples, "
-        f"{len(over)} above the cap then in force{examples}; "
-        f"most in flight {observed} (bound {bound} while two gates overlap)"
+        f"{len(changes)} changes among {caps}; {checked} samples, {len(over)} above the cap "
+        f"in force counting old requests{examples}; most in flight {observed} "
+        f"(largest cap {caps[-1]})"
     )
     return Check(title, passed, detail)
 

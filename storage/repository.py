@@ -60,6 +60,15 @@ class KeyChange(msgspec.Struct, frozen=True):
     current: CapState | None
 
 
+class KeyCap(msgspec.Struct, frozen=True):
+    """A stored key's cap, with its owner's name (for operators and the launcher)."""
+
+    user_id: uuid.UUID
+    user_name: str
+    max_concurrent: int
+    cap_version: int
+
+
 class KeyStatus(msgspec.Struct, frozen=True):
     configured: bool
     configured_at: datetime | None
@@ -249,6 +258,40 @@ async def key_status(user_id: uuid.UUID) -> KeyStatus:
         configured_at=_utc(row["updated_at"]),
         max_concurrent=row["max_concurrent"],
     )
+
+
+async def list_key_caps() -> list[KeyCap]:
+    """Every stored key's cap and cap version, by user name."""
+    with translate_errors():
+        rows = (
+            await UserAnthropicKey.select(
+                UserAnthropicKey.user.as_alias("user_id"),
+                UserAnthropicKey.user.name.as_alias("user_name"),
+                UserAnthropicKey.max_concurrent,
+                UserAnthropicKey.cap_version,
+            )
+            .order_by(UserAnthropicKey.user.name)
+            .run()
+        )
+    return [
+        KeyCap(
+            user_id=_uuid(row["user_id"]),
+            user_name=row["user_name"],
+            max_concurrent=row["max_concurrent"],
+            cap_version=row["cap_version"],
+        )
+        for row in rows
+    ]
+
+
+async def latest_cap_version() -> int:
+    """The highest cap version stored (0 with no key): every change raises it, since a
+    new version is at least the current time in microseconds."""
+    with translate_errors():
+        rows = await UserAnthropicKey.raw(
+            "SELECT MAX(cap_version) AS latest FROM user_anthropic_keys"
+        ).run()
+    return int(rows[0]["latest"] or 0) if rows else 0
 
 
 async def get_credential(user_id: uuid.UUID) -> Credential | None:

@@ -8,6 +8,7 @@ gateway (SQLite, with a global cap so that `caps` has both scopes to show).
 from __future__ import annotations
 
 import base64
+import json
 import re
 import sqlite3
 import time
@@ -415,6 +416,7 @@ def test_caps_shows_every_gate_as_a_table_and_as_json(cli_gateway: GatewayProces
         mine = [r for r in rows if r["scope"] == "credential" and r["user_id"] == user_id]
         assert len(mine) == 1, rows
         assert (mine[0]["cap"], mine[0]["in_use"], mine[0]["free"]) == (3, 1, 2)
+        assert (mine[0]["user"], mine[0]["to_drain"]) == (name, 0)
         assert mine[0]["held_by_live_workers"] == 1
         glob = [r for r in rows if r["scope"] == "global"]
         assert len(glob) == 1, rows
@@ -422,11 +424,16 @@ def test_caps_shows_every_gate_as_a_table_and_as_json(cli_gateway: GatewayProces
         assert glob[0]["in_use"] >= 1
 
         table = cli_gateway.cli("caps").stdout.splitlines()
-        assert table[0].split() == ["scope", "user", "cap", "version", "cap", "in", "use", "free"]
-        line = next(line for line in table if user_id in line)
-        assert line.split()[0] == "credential"
-        assert line.split()[-3:] == ["3", "1", "2"]
-        assert any(line.split()[0] == "global" for line in table[1:])
+        assert table[0].startswith(f"gateway namespace {cli_gateway.namespace} (launcher pid ")
+        header = table[1]
+        assert header.split() == ["scope", "user", "cap", "in", "use", "free", "to", "drain"]
+        line = next(line for line in table if f" {name} " in line)
+        assert line.split() == ["credential", name, "3", "1", "2", "-"]
+        assert any(line.split()[0] == "global" for line in table[2:])
+        # Columns line up: every value ends where its heading does.
+        for heading in ("cap", "in use", "free", "to drain"):
+            end = header.index(heading) + len(heading)
+            assert all(row[end - 1] != " " for row in table[2:] if len(row) >= end)
 
     def released() -> bool:
         row = next(r for r in _caps_json(cli_gateway) if r.get("user_id") == user_id)
@@ -442,11 +449,26 @@ def test_caps_with_no_running_gateway_says_so(tmp_path: Path, ipc_namespace: str
         namespace=ipc_namespace,
         upstream_url="http://127.0.0.1:9",
     )
-    table = run_cli(env, "caps")
-    assert (
-        table.stdout.strip() == f"no gates in namespace {ipc_namespace} (is the gateway running?)"
-    )
-    assert run_cli(env, "caps", "--json").stdout == ""
+    for args in (("caps",), ("caps", "--json")):
+        result = run_cli(env, *args, check=False)
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert result.stderr.strip() == (
+            f"Error: no running gateway found ({ipc_namespace}); is it running?"
+        )
+    invalid = run_cli({**env, "GATEWAY_IPC_NAMESPACE": "no/such"}, "caps", check=False)
+    assert invalid.returncode != 0
+
+
+def test_caps_finds_a_gateway_whose_namespace_was_set_by_hand(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gateway = start_gateway(workers=2)
+    store_key(gateway, gateway.create_user("hand"), cap=5)
+    env = {k: v for k, v in gateway.env.items() if k != "GATEWAY_IPC_NAMESPACE"}
+    rows = [json.loads(line) for line in run_cli(env, "caps", "--json").stdout.splitlines()]
+    assert {row["namespace"] for row in rows} == {gateway.namespace}
+    assert [(r["user"], r["cap"]) for r in rows if r["scope"] == "credential"] == [("hand", 5)]
 
 
 def test_revoke_reaches_a_gateway_whose_namespace_was_set_by_hand(
@@ -461,3 +483,26 @@ def test_revoke_reaches_a_gateway_whose_namespace_was_set_by_hand(
     env = {k: v for k, v in gateway.env.items() if k != "GATEWAY_IPC_NAMESPACE"}
     run_cli(env, "tokens", "revoke", token_id)
     until_every_worker_answered(gateway, token, 401)
+
+
+def test_users_set_cap_applies_at_once_and_refuses_bad_input(cli_gateway: GatewayProcess) -> None:
+    name = unique("setcap")
+    _user_id, token = create_user(cli_gateway.env, name)
+    assert_fails(
+        run_cli(cli_gateway.env, "users", "set-cap", name, "3", check=False),
+        f"user {name!r} has no Anthropic key stored",
+    )
+    store_key(cli_gateway, token, cap=8)
+    until_every_worker_answered(cli_gateway, token, 200)  # both workers cache cap 8
+    out = run_cli(cli_gateway.env, "users", "set-cap", name, "1").stdout
+    assert out.strip() == f"cap of {name}: 8 -> 1"
+    status = httpx.get(f"{cli_gateway.url}{KEY_PATH}", headers={"x-api-key": token}).json()
+    assert status["max_concurrent"] == 1
+    row = next(r for r in _caps_json(cli_gateway) if r.get("user") == name)
+    assert (row["cap"], row["in_use"], row["free"]) == (1, 0, 1)
+    for bad in ("0", "257", "two"):
+        assert_fails(run_cli(cli_gateway.env, "users", "set-cap", name, bad, check=False), "CAP")
+    assert_fails(
+        run_cli(cli_gateway.env, "users", "set-cap", unique("ghost"), "2", check=False),
+        "no user named",
+    )

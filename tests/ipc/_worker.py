@@ -14,6 +14,7 @@ import sys
 import uuid
 from typing import Any
 
+from ipc.caps import apply_cap
 from ipc.gates import Gatekeeper, Permit
 from ipc.ledger import Ledger
 from ipc.namespace import NamespaceClaim
@@ -53,6 +54,14 @@ def run_worker(namespace: str, global_cap: int | None) -> None:
                     reply({"admitted": False, "scope": result.scope, "cap": result.cap})
             elif op == "release":
                 reply(permits.pop(0).release())
+            elif op == "apply":
+                apply_cap(
+                    namespace,
+                    uuid.UUID(command["user"]),
+                    version=command["version"],
+                    cap=command["cap"],
+                )
+                reply(None)
             elif op == "held":
                 reply(ledger.held())
             elif op == "generation":

@@ -121,25 +121,18 @@ def test_forgotten_gate_still_takes_its_permit_back(gatekeeper: Gatekeeper) -> N
     assert gatekeeper.ledger.held() == {}
 
 
-def test_permit_on_an_unlinked_gate_releases_onto_the_old_semaphore(
-    gatekeeper: Gatekeeper,
-) -> None:
+def test_a_cap_change_resizes_the_same_semaphore(gatekeeper: Gatekeeper) -> None:
     user = uuid.uuid4()
-    old_gate = gatekeeper.credential_gate(user, 1, 1)
-    permit = admit(gatekeeper, user, 1)
-    # A cap change: new requests move to version 2; the old name goes away.
+    gate = gatekeeper.credential_gate(user, 1, 2)
+    permit = admit(gatekeeper, user, 2)
     gatekeeper.forget_credential_gates()
-    gatekeeper.unlink_credential_gate(user, 1, 1)
-    assert credential_gate_name(gatekeeper.namespace, user, 1, 1) not in list_semaphores(
-        gatekeeper.namespace
-    )
-    new_permit = admit(gatekeeper, user, 3, version=2)
-    assert permit.release() is True
-    assert old_gate.holders == 0
-    assert credential_gate_name(gatekeeper.namespace, user, 1, 1) not in list_semaphores(
-        gatekeeper.namespace
-    )
-    new_permit.release()
+    raised = gatekeeper.credential_gate(user, 2, 3)  # version 2 raises the cap to 3
+    assert raised.name == gate.name == credential_gate_name(gatekeeper.namespace, user)
+    assert raised.state().in_use == 1
+    assert raised.free == 2
+    assert permit.release() is True  # onto the one semaphore the new handle also uses
+    assert raised.free == 3
+    assert list_semaphores(gatekeeper.namespace).count(gate.name) == 1
     assert gatekeeper.ledger.held() == {}
 
 

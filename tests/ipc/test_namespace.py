@@ -10,6 +10,7 @@ from collections.abc import Callable
 import posix_ipc
 import pytest
 
+from ipc.caps import apply_cap
 from ipc.errors import InvalidName, NamespaceBusy, NamespaceMissing
 from ipc.gates import Gatekeeper, Permit, unlink_semaphore
 from ipc.ledger import Ledger, read_ledger
@@ -18,6 +19,7 @@ from ipc.naming import (
     credential_gate_name,
     generation_name,
     global_gate_name,
+    list_cap_records,
     list_ledgers,
     list_namespaces,
     list_semaphores,
@@ -115,7 +117,7 @@ def test_claim_purges_stale_objects_of_an_earlier_run(ipc_namespace: str) -> Non
     stale_counter = generation_name(ipc_namespace)
     stale_global = global_gate_name(ipc_namespace, 4)
     old_global = global_gate_name(ipc_namespace, 9)  # an earlier run with another cap
-    stale_credential = credential_gate_name(ipc_namespace, uuid.uuid4(), 3, 2)
+    stale_credential = credential_gate_name(ipc_namespace, uuid.uuid4())
     for name, value in [
         (stale_counter, 7),
         (stale_global, 1),
@@ -126,6 +128,7 @@ def test_claim_purges_stale_objects_of_an_earlier_run(ipc_namespace: str) -> Non
     stale_ledger = forge_ledger(
         ipc_namespace, pid=999_999_999, start_time=1, holdings={stale_global: 3}
     )
+    apply_cap(ipc_namespace, uuid.uuid4(), version=1, cap=2)  # a credential's three objects
     # A namespace whose name merely starts with ours is someone else's.
     neighbour = generation_name(ipc_namespace + "x")
     posix_ipc.Semaphore(neighbour, posix_ipc.O_CREX, initial_value=2).close()
@@ -135,6 +138,7 @@ def test_claim_purges_stale_objects_of_an_earlier_run(ipc_namespace: str) -> Non
             assert sem_value(stale_counter) == 0
             assert sem_value(stale_global) == 4
             assert list_ledgers(ipc_namespace) == []
+            assert list_cap_records(ipc_namespace) == []
             assert read_ledger(stale_ledger) is None
             assert sem_value(neighbour) == 2
     finally:
@@ -151,7 +155,7 @@ def test_release_leaves_nothing_behind(ipc_namespace: str) -> None:
     keeper.close()
     ledger.close()  # still holding: the ledger stays for the reaper
     assert list_ledgers(ipc_namespace) == [ledger.name]
-    assert len(list_semaphores(ipc_namespace)) == 3
+    assert len(list_semaphores(ipc_namespace)) == 4  # counter, global, credential and its debt
     claim.release()
     assert shm_leftovers(ipc_namespace) == []
     assert not lock_path(ipc_namespace).exists()

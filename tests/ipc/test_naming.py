@@ -15,6 +15,8 @@ from ipc.naming import (
     NAMESPACE_MAX,
     POSIX_NAME_MAX,
     GateName,
+    cap_record_name,
+    credential_debt_name,
     credential_gate_name,
     generation_name,
     global_gate_name,
@@ -26,12 +28,10 @@ from ipc.naming import (
 namespaces = st.text(
     alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=NAMESPACE_MAX
 )
-cap_versions = st.integers(min_value=0, max_value=2**63 - 1)  # a BigInt column
 caps = st.integers(min_value=1, max_value=256)
 pids = st.integers(min_value=1, max_value=2**22)  # the kernel's largest pid_max
 
 LONGEST_NAMESPACE = "n" * NAMESPACE_MAX
-BIG_VERSION = 2**62
 
 
 def assert_posix_name(name: str, namespace: str) -> None:
@@ -41,33 +41,36 @@ def assert_posix_name(name: str, namespace: str) -> None:
     assert "\0" not in name
 
 
-@given(namespace=namespaces, user_id=st.uuids(), cap_version=cap_versions, cap=caps, pid=pids)
-@example(
-    namespace=LONGEST_NAMESPACE,
-    user_id=uuid.UUID(int=2**128 - 1),
-    cap_version=BIG_VERSION,
-    cap=256,
-    pid=2**22,
-)
+@given(namespace=namespaces, user_id=st.uuids(), cap=caps, pid=pids)
+@example(namespace=LONGEST_NAMESPACE, user_id=uuid.UUID(int=2**128 - 1), cap=256, pid=2**22)
 def test_every_name_fits_posix_limits(
-    namespace: str, user_id: uuid.UUID, cap_version: int, cap: int, pid: int
+    namespace: str, user_id: uuid.UUID, cap: int, pid: int
 ) -> None:
     validate_namespace(namespace)
-    gates = [
-        global_gate_name(namespace, cap),
-        credential_gate_name(namespace, user_id, cap_version, cap),
+    gates = [global_gate_name(namespace, cap), credential_gate_name(namespace, user_id)]
+    others = [
+        generation_name(namespace),
+        ledger_name(namespace, pid),
+        credential_debt_name(namespace, user_id),
+        cap_record_name(namespace, user_id),
     ]
-    for name in [generation_name(namespace), ledger_name(namespace, pid), *gates]:
+    for name in gates + others:
         assert_posix_name(name, namespace)
     # A gate's name is written into a fixed slot of the worker's ledger.
     for name in gates:
         assert len(name.encode()) <= ledger_module._NAME_BYTES
 
 
-def test_longest_credential_name_with_a_large_cap_version() -> None:
-    name = credential_gate_name(LONGEST_NAMESPACE, uuid.uuid4(), BIG_VERSION, 256)
-    assert_posix_name(name, LONGEST_NAMESPACE)
-    assert name.endswith(f".{BIG_VERSION}.256")
+@given(user_id=st.uuids())
+def test_a_credential_is_named_by_its_user_alone(user_id: uuid.UUID) -> None:
+    """Never by its cap: a cap change resizes the one semaphore every holder releases onto."""
+    names = {
+        credential_gate_name("ns", user_id),
+        credential_debt_name("ns", user_id),
+        cap_record_name("ns", user_id),
+    }
+    assert len(names) == 3
+    assert all(name.endswith(user_id.hex) for name in names)
 
 
 @pytest.mark.parametrize("namespace", ["", "a/b", "n" * (NAMESPACE_MAX + 1), "a.b", "a b", "é"])
@@ -93,14 +96,11 @@ def test_parse_global_gate_name_round_trips(namespace: str, cap: int) -> None:
     assert parse_gate_name(name) == GateName(name=name, scope="global", cap=cap)
 
 
-@given(namespace=namespaces, user_id=st.uuids(), cap_version=cap_versions, cap=caps)
-def test_parse_credential_gate_name_round_trips(
-    namespace: str, user_id: uuid.UUID, cap_version: int, cap: int
-) -> None:
-    name = credential_gate_name(namespace, user_id, cap_version, cap)
-    assert parse_gate_name(name) == GateName(
-        name=name, scope="credential", cap=cap, user_id=user_id, cap_version=cap_version
-    )
+@given(namespace=namespaces, user_id=st.uuids())
+def test_parse_credential_gate_name_round_trips(namespace: str, user_id: uuid.UUID) -> None:
+    name = credential_gate_name(namespace, user_id)
+    assert parse_gate_name(name) == GateName(name=name, scope="credential", user_id=user_id)
+    assert parse_gate_name(credential_debt_name(namespace, user_id)) is None
 
 
 @given(namespace=namespaces, pid=pids)
@@ -120,9 +120,10 @@ def test_parse_gate_name_is_none_for_counter_and_ledger(namespace: str, pid: int
         "/ns.g.1.2",
         "/ns.x.1",
         "/ns.c.nothex.1.2",
-        f"/ns.c.{uuid.UUID(int=1).hex}.v.2",
-        f"/ns.c.{uuid.UUID(int=1).hex}.1.cap",
+        "/ns.c.nothex",
+        f"/ns.c.{uuid.UUID(int=1).hex}.1.2",
         f"/ns.c.{uuid.UUID(int=1).hex}.1",
+        f"/ns.c.{uuid.UUID(int=1).hex[:-1]}",
         f"/ns.g.{uuid.UUID(int=1).hex}.1.2",
     ],
 )

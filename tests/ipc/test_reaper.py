@@ -30,8 +30,8 @@ def test_reap_once_gives_back_exactly_what_a_killed_worker_held(
     for _ in range(k):
         assert worker.admit(user, 2, 5) == {"admitted": True}
     assert worker.admit(other_user, 1, 2) == {"admitted": True}
-    credential = credential_gate_name(ns, user, 2, 5)
-    other = credential_gate_name(ns, other_user, 1, 2)
+    credential = credential_gate_name(ns, user)
+    other = credential_gate_name(ns, other_user)
     global_gate = global_gate_name(ns, GLOBAL_CAP)
     worker.kill()
     assert values(credential, other, global_gate) == [5 - k, 1, GLOBAL_CAP - k - 1]
@@ -70,7 +70,7 @@ def test_live_workers_are_never_reaped(
     assert worker.admit(user, 1, 4) == {"admitted": True}
     permit = gatekeeper.admit(gatekeeper.credential_gate(user, 1, 4))  # this process holds one
     assert isinstance(permit, Permit)
-    credential = credential_gate_name(ns, user, 1, 4)
+    credential = credential_gate_name(ns, user)
     global_gate = global_gate_name(ns, GLOBAL_CAP)
     ledgers = sorted([ledger_name(ns, worker.pid), gatekeeper.ledger.name])
 
@@ -107,9 +107,9 @@ def test_a_gate_unlinked_meanwhile_is_not_created_again(
     for _ in range(2):
         assert worker.admit(user, 1, 3) == {"admitted": True}
     worker.kill()
-    credential = credential_gate_name(ns, user, 1, 3)
+    credential = credential_gate_name(ns, user)
     global_gate = global_gate_name(ns, GLOBAL_CAP)
-    assert unlink_semaphore(credential)  # a cap change retired the name
+    assert unlink_semaphore(credential)  # the user was deleted meanwhile
 
     assert reap_once(ns) == [Reaped(pid=worker.pid, returned={global_gate: 2})]
     assert unlink_semaphore(credential) is False  # still gone
@@ -122,7 +122,7 @@ def test_the_reaper_thread_reaps_on_its_own(
 ) -> None:
     ns = claim.namespace
     user = uuid.uuid4()
-    credential = credential_gate_name(ns, user, 1, 2)
+    credential = credential_gate_name(ns, user)
     global_gate = global_gate_name(ns, GLOBAL_CAP)
     reaper = Reaper(ns)  # the default interval
     reaper.start()

@@ -21,7 +21,6 @@ def test_usage_of_a_fresh_namespace_is_the_global_gate_only(claim: NamespaceClai
             name=global_gate_name(claim.namespace, GLOBAL_CAP),
             scope="global",
             user_id=None,
-            cap_version=None,
             cap=GLOBAL_CAP,
             in_use=0,
             free=GLOBAL_CAP,
@@ -44,15 +43,14 @@ def test_usage_and_ledgers_across_two_workers(
     assert other.admit(first, 3, 4) == {"admitted": True}
     assert other.admit(second, 1, 1) == {"admitted": True}
     global_name = global_gate_name(ns, GLOBAL_CAP)
-    first_name = credential_gate_name(ns, first, 3, 4)
-    second_name = credential_gate_name(ns, second, 1, 1)
+    first_name = credential_gate_name(ns, first)
+    second_name = credential_gate_name(ns, second)
 
     assert by_name(usage(ns)) == {
         global_name: GateUsage(
             name=global_name,
             scope="global",
             user_id=None,
-            cap_version=None,
             cap=GLOBAL_CAP,
             in_use=4,
             free=GLOBAL_CAP - 4,
@@ -61,7 +59,6 @@ def test_usage_and_ledgers_across_two_workers(
             name=first_name,
             scope="credential",
             user_id=str(first),
-            cap_version=3,
             cap=4,
             in_use=3,
             free=1,
@@ -70,7 +67,6 @@ def test_usage_and_ledgers_across_two_workers(
             name=second_name,
             scope="credential",
             user_id=str(second),
-            cap_version=1,
             cap=1,
             in_use=1,
             free=0,

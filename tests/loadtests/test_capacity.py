@@ -90,16 +90,34 @@ def test_samples_outside_the_window_do_not_count() -> None:
     assert in_flight(samples(1, 2, 3, 4), Window(1, 2), None) == [2, 3]
 
 
-def test_a_changed_cap_binds_only_once_settled() -> None:
-    # Cap 4 from t=10; t=10..11 is the overlap of old and new gates, allowed up to 4 + 12.
-    trace = [Sample(at=float(t), total=c, keys={"k": c}) for t, c in [(9, 12), (10.5, 14), (12, 4)]]
-    common = {"window": Window(0, 20), "key": "k", "initial_cap": 12, "settle": 2.0}
-    assert cap_after_changes("t", samples=trace, changes=[(10.0, 4)], observed=14, **common).passed
-    late = [*trace, Sample(at=13.0, total=5, keys={"k": 5})]
-    check = cap_after_changes("t", samples=late, changes=[(10.0, 4)], observed=14, **common)
+def test_a_changed_cap_counts_the_requests_still_in_flight() -> None:
+    def trace(*points: tuple[float, int]) -> list[Sample]:
+        return [Sample(at=t, total=c, keys={"k": c}) for t, c in points]
+
+    common = {"window": Window(0, 20), "key": "k", "initial_cap": 12, "grace": 0.25}
+    lowered = [(10.0, 4)]
+    # Lowered 12 -> 4 with 12 in flight: the count may only fall until it is under 4.
+    draining = trace((9, 12), (10.5, 12), (11, 9), (12, 4), (13, 3), (14, 4))
+    assert cap_after_changes("t", samples=draining, changes=lowered, observed=12, **common).passed
+    rising = trace((9, 12), (10.5, 9), (11, 10))
+    check = cap_after_changes("t", samples=rising, changes=lowered, observed=12, **common)
+    assert not check.passed and "10 > 9 (cap 4)" in check.detail
+    again = trace((9, 12), (11, 4), (12, 3), (13, 5))
+    check = cap_after_changes("t", samples=again, changes=lowered, observed=12, **common)
     assert not check.passed and "5 > 4" in check.detail
-    beyond = cap_after_changes("t", samples=trace, changes=[(10.0, 4)], observed=17, **common)
-    assert not beyond.passed
+    # Within the grace a request admitted before the change may still arrive.
+    transit = trace((9, 11), (10.1, 12), (10.5, 12))
+    check = cap_after_changes(
+        "t", samples=transit, changes=[(10.0, 4)], observed=12, **{**common, "initial_cap": 12}
+    )
+    assert check.passed
+    # Raised: the new cap binds at once; never above the largest cap ever in force.
+    raised = trace((9, 4), (10.5, 12))
+    assert cap_after_changes(
+        "t", samples=raised, changes=[(10.0, 12)], observed=12, **{**common, "initial_cap": 4}
+    ).passed
+    beyond = cap_after_changes("t", samples=draining, changes=lowered, observed=13, **common)
+    assert not beyond.passed and "largest cap 12" in beyond.detail
 
 
 def test_rejections_must_be_well_formed_and_of_both_scopes() -> None:

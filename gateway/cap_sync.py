@@ -1,0 +1,103 @@
+"""The launcher's cap sync: applies committed cap changes that no worker applied.
+
+A worker resizes a credential's gate right after it commits a cap change, and the
+command line does the same for a running gateway. A process killed between its commit
+and its resize (or in the middle of one) would leave the gate at the old cap, and every
+worker's cache holding the old row, until the next change. This thread closes that
+window: it watches the database's latest cap version, and when it moves (and every
+``full_every`` seconds regardless) applies every stored cap newer than the one its gate
+records; it finishes any resize a killed process left half-done; and when it had to do
+anything it bumps the change counter so that every worker reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+from ipc.caps import apply_cap, read_records, resume_resize
+from ipc.namespace import bump_generation
+from storage import repository
+from storage.engine import connected
+from storage.errors import StorageError
+
+log = logging.getLogger("gateway.cap_sync")
+
+
+class CapSync(threading.Thread):
+    def __init__(
+        self,
+        namespace: str,
+        database_url: str,
+        *,
+        interval: float = 1.0,
+        full_every: float = 30.0,
+    ) -> None:
+        super().__init__(name=f"cap-sync-{namespace}", daemon=True)
+        self.namespace = namespace
+        self.database_url = database_url
+        self.interval = interval
+        self.full_every = full_every
+        self._stop_event = threading.Event()
+        self._latest = -1
+        self._last_full = 0.0
+        self._down = False
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    async def _run(self) -> None:
+        try:
+            async with connected(self.database_url, migrated=False):
+                while not self._stop_event.is_set():
+                    try:
+                        await self.sync_once()
+                    except StorageError as exc:
+                        if not self._down:
+                            log.warning("cap sync cannot read the database: %s", exc)
+                        self._down = True
+                    except Exception:
+                        log.exception("cap sync pass failed")
+                    await asyncio.to_thread(self._stop_event.wait, self.interval)
+        except StorageError as exc:
+            log.error("cap sync could not open the database: %s", exc)
+
+    async def sync_once(self) -> int:
+        """One pass; the number of gates it had to change."""
+        changed = sum(resume_resize(self.namespace, user) for user in self._half_done())
+        latest = await repository.latest_cap_version()
+        now = time.monotonic()
+        if self._down:
+            log.info("cap sync reads the database again")
+            self._down = False
+        if latest != self._latest or now - self._last_full >= self.full_every:
+            self._latest, self._last_full = latest, now
+            records = read_records(self.namespace)
+            for key in await repository.list_key_caps():
+                record = records.get(key.user_id)
+                if record is not None and key.cap_version > record.version:
+                    apply_cap(
+                        self.namespace,
+                        key.user_id,
+                        version=key.cap_version,
+                        cap=key.max_concurrent,
+                    )
+                    log.warning(
+                        "applied a committed cap change no worker had applied",
+                        extra={"user_id": str(key.user_id), "cap_value": key.max_concurrent},
+                    )
+                    changed += 1
+        if changed:
+            bump_generation(self.namespace)
+        return changed
+
+    def _half_done(self) -> list[uuid.UUID]:
+        records = read_records(self.namespace).items()
+        return [user for user, record in records if record.cap != record.applied]
