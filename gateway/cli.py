@@ -14,6 +14,7 @@ import msgspec
 
 from gateway.logs import configure_logging
 from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
+from ipc.audit import repairs_made
 from ipc.caps import apply_cap, read_state
 from ipc.errors import IpcError
 from ipc.namespace import (
@@ -457,6 +458,11 @@ def caps(as_json: bool, namespace: str | None, port: int | None) -> None:
         click.echo(f"gateway namespace {running} (launcher pid {launcher_pid(running)})")
         for line in _table(rows):
             click.echo(line)
+        repairs = repairs_made(running)
+        click.echo(
+            f"drift repairs since start: {sum(repairs.values())} "
+            f"(global {repairs['global']}, credential {repairs['credential']})"
+        )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class Launcher:
             global_cap=settings.max_global_concurrent,
             tag=namespace_prefix(settings.database_url),
         ):
-            reaper = Reaper(settings.ipc_namespace)
+            reaper = Reaper(settings.ipc_namespace, audit_interval=settings.cap_audit_interval)
             reaper.start()
             cap_sync = CapSync(settings.ipc_namespace, settings.database_url)
             cap_sync.start()

@@ -50,6 +50,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_seconds: int = 1
     log_level: str = "INFO"
     heap_trim_interval: float = 1.0  # 0: never trim
+    cap_audit_interval: float = 2.0  # 0: no drift audit
 
     @property
     def master_key_file(self) -> Path:
@@ -119,6 +120,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
             heap_trim_interval=_float(
                 env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
+            ),
+            cap_audit_interval=_float(
+                env.get("GATEWAY_CAP_AUDIT_INTERVAL"), "GATEWAY_CAP_AUDIT_INTERVAL", 2.0, zero=True
             ),
         )
 

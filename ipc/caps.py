@@ -226,6 +226,34 @@ def read_state(namespace: str, user_id: uuid.UUID) -> CapState | None:
         view.close()
 
 
+def repair_credential(namespace: str, user_id: uuid.UUID, version: int, drift: int) -> bool:
+    """Give back ``drift`` lost permits (or take back ``-drift`` extra ones, owing what is
+    handed out already), unless the gate was resized since ``version`` was read: False
+    then, and nothing is done."""
+    with _locked_existing(namespace, user_id) as record:
+        if record is None:
+            return False
+        magic, current, target, applied = _RECORD.unpack_from(record)
+        if magic != _MAGIC or current != version or target != applied:
+            return False
+        sem, debt = _open_semaphores(namespace, user_id, record, target)
+        try:
+            for _ in range(drift):
+                try:
+                    debt.acquire(0)
+                except posix_ipc.BusyError:
+                    sem.release()
+            for _ in range(-drift):
+                try:
+                    sem.acquire(0)
+                except posix_ipc.BusyError:
+                    debt.release()
+        finally:
+            sem.close()
+            debt.close()
+        return True
+
+
 class CapRecord(msgspec.Struct, frozen=True):
     version: int
     cap: int

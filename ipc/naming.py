@@ -9,6 +9,7 @@ removed together, and two deployments (or two tests) never share one.
     /{ns}.d.{user hex}     that credential's debt: permits still to take back after a lowered cap
     /{ns}.k.{user hex}     that credential's cap record (shared memory; see ``ipc.caps``)
     /{ns}.l.{pid}          a worker's ledger (shared memory)
+    /{ns}.repairs.{scope}  drift repairs the audit made since start (a semaphore as a counter)
 
 A credential's names carry its user id alone, never its cap: a cap change resizes the
 same semaphore, so every request in flight, old and new, counts against one counter.
@@ -75,6 +76,10 @@ def credential_debt_name(namespace: str, user_id: uuid.UUID) -> str:
 
 def cap_record_name(namespace: str, user_id: uuid.UUID) -> str:
     return _checked(f"/{namespace}.k.{user_id.hex}")
+
+
+def repairs_name(namespace: str, scope: str) -> str:
+    return _checked(f"/{namespace}.repairs.{scope}")
 
 
 def ledger_name(namespace: str, pid: int) -> str:

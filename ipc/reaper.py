@@ -1,12 +1,15 @@
-"""The launcher's reaper: gives back the permits of workers that died holding them."""
+"""The launcher's reaper: gives back the permits of workers that died holding them, and
+runs the drift audit (``ipc.audit``) on the same thread."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import msgspec
 
+from ipc.audit import Audit
 from ipc.ledger import drain_dead_ledger, process_start_time, read_ledger
 from ipc.naming import list_ledgers
 
@@ -35,18 +38,30 @@ def reap_once(namespace: str) -> list[Reaped]:
 
 
 class Reaper(threading.Thread):
-    """Runs ``reap_once`` every ``interval`` seconds until stopped."""
+    """Runs ``reap_once`` every ``interval`` seconds, and the audit a few times per
+    ``audit_interval`` (0: never), until stopped."""
 
-    def __init__(self, namespace: str, *, interval: float = 0.2) -> None:
+    def __init__(
+        self, namespace: str, *, interval: float = 0.2, audit_interval: float = 2.0
+    ) -> None:
         super().__init__(name=f"reaper-{namespace}", daemon=True)
         self.namespace = namespace
         self.interval = interval
+        self.audit_interval = audit_interval
+        self.audit = Audit(namespace, interval=audit_interval)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        # The audit reads every gate four times per interval, so a drift is repaired about
+        # an interval after the gate went quiet, not up to two.
+        audit_every = self.audit_interval / 4
+        next_audit = time.monotonic() + audit_every
         while not self._stop_event.wait(self.interval):
             try:
                 reap_once(self.namespace)
+                if self.audit_interval > 0 and time.monotonic() >= next_audit:
+                    next_audit = time.monotonic() + audit_every
+                    self.audit.run_once()
             except Exception:  # a bad ledger must not stop the reaper
                 log.exception("reaper pass failed")
 
