@@ -33,6 +33,7 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Final
@@ -123,6 +124,23 @@ class CredentialGate:
             except posix_ipc.BusyError:
                 return True  # another process paid the debt first: the permit is ours
             # The permit paid one unit of a lowered cap's debt; try for another.
+
+    def acquire_within(self, timeout: float) -> bool:
+        """Blocking, for a waiting room's helper thread (the GIL is released while it
+        waits): a permit within ``timeout`` seconds, paying any debt first."""
+        sem, debt = self._sem, self._debt
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sem.acquire(max(0.0, deadline - time.monotonic()))
+            except posix_ipc.BusyError:
+                return False
+            if not debt.value:
+                return True
+            try:
+                debt.acquire(0)
+            except posix_ipc.BusyError:
+                return True
 
     def release(self) -> None:
         self._sem.release()

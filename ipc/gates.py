@@ -8,6 +8,7 @@ credential's gate is resized in place when its cap changes (see ``ipc.caps``).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Literal, Protocol
 
@@ -17,7 +18,8 @@ import posix_ipc
 from ipc.caps import CredentialGate, open_credential_gate
 from ipc.errors import LedgerFull, NamespaceMissing
 from ipc.ledger import Ledger
-from ipc.naming import generation_name, global_gate_name
+from ipc.naming import generation_name, global_gate_name, waiting_room_name
+from ipc.queue import Queue
 
 
 class AnyGate(Protocol):
@@ -26,6 +28,8 @@ class AnyGate(Protocol):
     retired: bool
 
     def try_acquire(self) -> bool: ...
+
+    def acquire_within(self, timeout: float) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -51,6 +55,15 @@ class Gate:
             return False
         return True
 
+    def acquire_within(self, timeout: float) -> bool:
+        """Blocking, for a waiting room's helper thread (the GIL is released while it
+        waits): a permit within ``timeout`` seconds."""
+        try:
+            self._sem.acquire(timeout)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
     def release(self) -> None:
         self._sem.release()
 
@@ -65,6 +78,7 @@ class Gate:
 class Rejected(msgspec.Struct, frozen=True):
     scope: Literal["global", "credential"]
     cap: int
+    waited: float = 0.0  # seconds spent in a waiting line before the refusal
 
 
 class Permit:
@@ -185,6 +199,65 @@ class Gatekeeper:
             (credential,) if global_gate is None else (global_gate, credential)
         )
         return Permit(gates, ledger)
+
+    async def admit_waiting(
+        self, credential: CredentialGate, queue: Queue, *, within: float
+    ) -> Permit | Rejected:
+        """Admit, waiting up to ``within`` seconds in line for a gate over its cap.
+
+        The global gate first, then the credential's; no global permit is held while
+        waiting for the credential's (a burst on one credential must not starve everyone
+        else of the global cap). Cancellation (the client left) gives back whatever was
+        taken, and leaves any line at once.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ledger = self.ledger
+        global_gate = self.global_gate
+        room = waiting_room_name(self.namespace, credential.user_id)
+        global_room = waiting_room_name(self.namespace, None)
+
+        def left() -> float:
+            return max(0.0, within - (loop.time() - started))
+
+        def rejected(scope: Literal["global", "credential"], cap: int) -> Rejected:
+            return Rejected(scope=scope, cap=cap, waited=loop.time() - started)
+
+        async def take(gate: AnyGate, place: str) -> bool | None:
+            """A permit of ``gate``, recorded: at once if nobody waits, else in line."""
+            if not queue.crowded(place) and gate.try_acquire():
+                _recorded(gate, ledger)
+                return True
+            return await queue.wait(gate, place, left())
+
+        held: list[AnyGate] = []
+        try:
+            if global_gate is not None:
+                if not await take(global_gate, global_room):
+                    return rejected("global", global_gate.cap)
+                held.append(global_gate)
+            if not queue.crowded(room) and credential.try_acquire():
+                _recorded(credential, ledger)
+                held.append(credential)
+            else:
+                if global_gate is not None:
+                    _give_back(global_gate, ledger)
+                    held.clear()
+                if not await queue.wait(credential, room, left()):
+                    return rejected("credential", credential.cap)
+                held.append(credential)
+                if global_gate is not None:
+                    # Holding the credential's own permit while it waits for the global
+                    # one keeps only this credential's other requests waiting.
+                    if not await take(global_gate, global_room):
+                        return rejected("global", global_gate.cap)
+                    held.insert(0, global_gate)
+            permit = Permit(tuple(held), ledger)
+            held.clear()  # the permit's now: not given back below
+            return permit
+        finally:
+            for gate in reversed(held):
+                _give_back(gate, ledger)
 
     def close(self) -> None:
         """Close every handle; one with permits still out closes when the last comes back."""

@@ -10,6 +10,8 @@ removed together, and two deployments (or two tests) never share one.
     /{ns}.k.{user hex}     that credential's cap record (shared memory; see ``ipc.caps``)
     /{ns}.l.{pid}          a worker's ledger (shared memory)
     /{ns}.repairs.{scope}  drift repairs the audit made since start (a semaphore as a counter)
+    /{ns}.q.g              the global gate's waiting room (free places; ``ipc.queue``)
+    /{ns}.q.{user hex}     a credential's waiting room
 
 A credential's names carry its user id alone, never its cap: a cap change resizes the
 same semaphore, so every request in flight, old and new, counts against one counter.
@@ -80,6 +82,11 @@ def cap_record_name(namespace: str, user_id: uuid.UUID) -> str:
 
 def repairs_name(namespace: str, scope: str) -> str:
     return _checked(f"/{namespace}.repairs.{scope}")
+
+
+def waiting_room_name(namespace: str, user_id: uuid.UUID | None) -> str:
+    """The waiting room of a credential's gate, or of the global gate (``None``)."""
+    return _checked(f"/{namespace}.q.{'g' if user_id is None else user_id.hex}")
 
 
 def ledger_name(namespace: str, pid: int) -> str:
