@@ -10,11 +10,12 @@ from collections.abc import Callable
 import posix_ipc
 import pytest
 
+from ipc import audit as audit_module
 from ipc.audit import Audit, Repair, repairs_made
 from ipc.caps import apply_cap, read_state
 from ipc.gates import Gatekeeper, Permit
 from ipc.naming import credential_gate_name, global_gate_name
-from tests.ipc.conftest import GLOBAL_CAP, OtherProcess, sem_value, take
+from tests.ipc.conftest import GLOBAL_CAP, OtherProcess, sem_value, take, wait_for
 
 
 def quiet_passes(audit: Audit, passes: int = 2) -> list[Repair]:
@@ -113,6 +114,7 @@ def test_no_repair_while_a_worker_is_stopped(
     take(credential_gate_name(ns, user), 1)
     audit = new_audit(ns)
     os.kill(other.pid, signal.SIGSTOP)
+    assert wait_for(lambda: audit_module._stopped(other.pid), timeout=5)  # signals are async
     try:
         assert quiet_passes(audit, 3) == []
     finally:
