@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
@@ -13,6 +14,7 @@ from gateway.settings import Settings
 from gateway.upstream import Upstream
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
+from storage import repository
 from storage.crypto import MasterKey, load_or_create_master_key_file
 from storage.engine import bind_engine, close_engine, create_engine, open_engine
 from storage.errors import MasterKeyError
@@ -93,3 +95,14 @@ class WorkerResources(ProxyRuntime):
             self.gatekeeper.unlink_credential_gate(
                 change.user_id, previous.cap_version, previous.max_concurrent
             )
+
+    async def credential_in_use(self, user_id: uuid.UUID) -> int | None:
+        """Requests in flight on the user's credential across all workers; None without a key.
+
+        The settings API's one view of a credential's live permit count, kept behind this
+        method so the count follows however the credential gates are built.
+        """
+        stored = await repository.get_credential(user_id)
+        if stored is None:
+            return None
+        return self.gatekeeper.credential_in_use(user_id, stored.cap_version, stored.max_concurrent)

@@ -152,6 +152,24 @@ class Gatekeeper:
     def unlink_name(self, name: str) -> None:
         unlink_semaphore(name)
 
+    def credential_in_use(self, user_id: uuid.UUID, cap_version: int, cap: int) -> int:
+        """Permits held on a credential's gate by every worker; 0 before any request opened it.
+
+        Opens the name without creating it: a status read must not make a gate that a
+        settings change could be about to unlink.
+        """
+        name = credential_gate_name(self.namespace, user_id, cap_version, cap)
+        try:
+            sem = posix_ipc.Semaphore(name)
+        except posix_ipc.ExistentialError:
+            return 0
+        try:
+            free = int(sem.value)
+        finally:
+            sem.close()
+        # Only an over-release (a bug elsewhere) could make free exceed the cap.
+        return max(0, cap - free)
+
     # Admission.
 
     def admit(self, credential: Gate) -> Permit | Rejected:
