@@ -422,6 +422,8 @@ async function copyText(text) {
   area.className = "offscreen";
   area.value = text;
   area.setAttribute("readonly", "");
+  area.setAttribute("aria-hidden", "true");
+  area.tabIndex = -1;
   document.body.append(area);
   area.select();
   let copied = false;

@@ -24,6 +24,7 @@ from tests.gateway.web.browsing import (
     TIMEZONE,
     SettingsPage,
     api_status,
+    new_user,
     upstream_key_used,
     wait_until,
 )
@@ -37,11 +38,6 @@ CSP = (
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 WRONG_TOKEN = "Invalid, unknown or revoked gateway token."
-
-
-def new_user(gateway: GatewayProcess) -> str:
-    """A user without a key, made by the real command line; its gateway token."""
-    return gateway.create_user(f"web{uuid.uuid4().hex[:10]}")
 
 
 def new_key(tag: str = "k") -> str:
@@ -295,6 +291,35 @@ def test_a_server_400_is_shown_next_to_its_field(
     assert [body_of(put) for put in page.log.api_calls(mark, "PUT")] == [{"max_concurrent": 5}]
     expect(page.status).to_have_text("No key stored yet")  # and the page caught up
     page.shot("server-400")
+
+
+def test_an_unreachable_gateway_loses_nothing(
+    settings_page: Open, shared_gateway: GatewayProcess
+) -> None:
+    token, key = user_with_key(shared_gateway, cap=4)
+    page = settings_page()
+    page.log.network_failures_allowed = True
+    page.open()
+    page.sign_in(token)
+    page.page.context.set_offline(True)
+    second = new_key("offline")
+    page.key.fill(second)
+    page.cap.fill("6")
+    page.save.click()
+    expect(page.message).to_have_text(
+        "The gateway did not answer. Check the connection and try again."
+    )
+    expect(page.message).to_be_focused()
+    expect(page.page.locator("#status-problem")).to_contain_text("Not up to date")
+    expect(page.key).to_have_value(second)  # what was typed is still there
+    expect(page.cap).to_have_value("6")
+    expect(page.save).to_be_enabled()
+    page.page.context.set_offline(False)
+    page.save.click()
+    expect(page.message).to_have_text("Saved: key replaced, cap 6.")
+    expect(page.page.locator("#status-problem")).to_be_hidden()
+    assert api_status(shared_gateway, token)["max_concurrent"] == 6
+    assert upstream_key_used(shared_gateway, token) == second != key
 
 
 # -- tokens -----------------------------------------------------------------------------
