@@ -2,8 +2,8 @@
  *
  * The page is a shell (sign-in, sign-out, polling) around a list of panels. A panel is
  * an object with
- *   refresh(ctx)  (optional) read what it shows from the API (on sign-in, every REFRESH_MS while
- *                 the tab is visible, and after any change a panel makes);
+ *   refresh(ctx)  (optional) read what it shows from the API: on sign-in, every
+ *                 REFRESH_MS while the tab is visible, and after any change;
  *   reset()       forget everything (on sign-out);
  * and optionally signedIn(ctx) for what depends only on the token. A new panel is a
  * <section> in the page and one more entry in PANELS; the shell needs no change.
@@ -378,7 +378,6 @@ const usePanel = {
   },
 
   render() {
-    this.revealButton.setAttribute("aria-pressed", String(this.revealed));
     this.revealButton.textContent = this.revealed ? "Hide token" : "Show token";
     this.list.replaceChildren(
       ...this.snippets().map(({ label, text, copy }) => {

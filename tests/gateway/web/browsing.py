@@ -38,6 +38,9 @@ CHROMIUM_ARGS: Final = [
     "--no-first-run",
     "--no-default-browser-check",
 ]
+# A host name the browser resolves to loopback (see the ``browser`` fixture): a page on
+# plain http that is not 127.0.0.1 or localhost is no secure context.
+HOST_NAME: Final = "gateway.test"
 PAGE_PATH: Final = "/me/proxy"
 KEY_API: Final = "/api/v1/me/anthropic-key"
 REFRESH_MS: Final = 10_000  # settings.js REFRESH_MS

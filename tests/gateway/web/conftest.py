@@ -13,6 +13,7 @@ from tests.fixtures.gateway import GatewayProcess
 from tests.gateway.web.browsing import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    HOST_NAME,
     BrowserLog,
     SettingsPage,
     open_page,
@@ -32,7 +33,9 @@ def playwright() -> Iterator[Playwright]:
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(
-        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {HOST_NAME} 127.0.0.1"],
     )
     yield browser
     browser.close()

@@ -20,6 +20,7 @@ from playwright.sync_api import Route, expect
 
 from tests.fixtures.gateway import GatewayProcess, held_streams
 from tests.gateway.web.browsing import (
+    HOST_NAME,
     KEY_API,
     TIMEZONE,
     SettingsPage,
@@ -482,10 +483,30 @@ def test_use_it_shows_the_lines_masks_the_token_and_copies(
     reveal = page.page.get_by_role("button", name="Show token")
     reveal.click()
     expect(snippets).to_have_text(real)
-    hide = page.page.get_by_role("button", name="Hide token")
-    expect(hide).to_have_attribute("aria-pressed", "true")
-    hide.click()
+    page.page.get_by_role("button", name="Hide token").click()
     expect(snippets).to_have_text(expected_masked)
+
+
+def test_works_on_a_plain_http_host_name(
+    settings_page: Open, shared_gateway: GatewayProcess
+) -> None:
+    """A team's gateway at http://gateway.test:PORT is no secure context: no clipboard API,
+    and the page must still work and copy (the browser maps the name to loopback)."""
+    token, _key = user_with_key(shared_gateway, cap=2)
+    page = settings_page(permissions=["clipboard-read", "clipboard-write"])
+    origin = shared_gateway.url.replace("127.0.0.1", HOST_NAME)
+    page.page.goto(f"{origin}/me/proxy")
+    assert page.page.evaluate("window.isSecureContext") is False
+    page.sign_in(token)
+    expect(page.status).to_contain_text("· cap 2 · 0 in use now")
+    page.page.get_by_role("button", name="Copy: Base URL").click()
+    expect(page.page.locator("#copy-message")).to_have_text("Copied: Base URL.")
+    # Read back where the clipboard API exists: another tab of the same browser.
+    reader = page.page.context.new_page()
+    reader.goto(f"{shared_gateway.url}/me/proxy/assets/icon.svg")
+    assert reader.evaluate("navigator.clipboard.readText()") == (
+        f"export ANTHROPIC_BASE_URL={origin}"
+    )
 
 
 # -- keyboard, narrow screens, and what the page trusts -----------------------------------
