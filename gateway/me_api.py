@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
@@ -39,6 +39,15 @@ class KeyStatusBody(msgspec.Struct):
     configured: bool
     configured_at: datetime | None
     max_concurrent: int | None
+    in_use: Annotated[
+        int | None,
+        msgspec.Meta(
+            description=(
+                "Requests in flight on this key now, across every worker (its live permit "
+                "count); null when no key is stored"
+            ),
+        ),
+    ]
 
 
 class KeyUpdate(msgspec.Struct, frozen=True):
@@ -144,17 +153,20 @@ class AnthropicKeyController(Controller):
     tags = ["settings"]
     security = [{"gatewayToken": []}]
 
-    @get(summary="Whether an Anthropic key is stored, and its concurrency cap")
+    @get(summary="Whether an Anthropic key is stored, its concurrency cap and the cap in use now")
     async def status(self, request: Request[Any, Any, State]) -> KeyStatusBody:
         user_id = await authenticated_user(request)
+        resources: WorkerResources = request.app.state.resources
         try:
             stored = await repository.key_status(user_id)
+            in_use = resources.credential_in_use(user_id) if stored.configured else None
         except StorageError as exc:
             raise _storage_down(exc) from exc
         return KeyStatusBody(
             configured=stored.configured,
             configured_at=stored.configured_at,
             max_concurrent=stored.max_concurrent,
+            in_use=in_use,
         )
 
     @put(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
@@ -11,7 +12,7 @@ from gateway.heap import HeapTrimmer
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
-from ipc.caps import apply_cap
+from ipc.caps import apply_cap, read_state
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
 from storage.crypto import MasterKey, load_or_create_master_key_file
@@ -96,3 +97,10 @@ class WorkerResources(ProxyRuntime):
                 cap=change.current.max_concurrent,
             )
         self.gatekeeper.bump_generation()
+
+    def credential_in_use(self, user_id: uuid.UUID) -> int:
+        """Requests in flight on the user's credential across all workers (0 before any
+        request opened its gate): read from the gate itself, so requests admitted under an
+        earlier cap count too."""
+        state = read_state(self.settings.ipc_namespace, user_id)
+        return 0 if state is None else state.in_use

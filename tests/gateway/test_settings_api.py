@@ -32,10 +32,15 @@ from tests.fixtures.databases import (
     _create_postgres_database,
     _run_in_thread,
 )
-from tests.fixtures.gateway import GatewayProcess, module_gateway
+from tests.fixtures.gateway import GatewayProcess, held_streams, module_gateway
 
 PATH = "/api/v1/me/anthropic-key"
-NOT_CONFIGURED = {"configured": False, "configured_at": None, "max_concurrent": None}
+NOT_CONFIGURED = {
+    "configured": False,
+    "configured_at": None,
+    "max_concurrent": None,
+    "in_use": None,
+}
 # Strict RFC 3339 date-time: date, "T", time, optional fraction, and a zone.
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -110,7 +115,10 @@ def status_of(gateway: GatewayProcess, token: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()
-    assert set(body) == {"configured", "configured_at", "max_concurrent"}
+    assert set(body) == {"configured", "configured_at", "max_concurrent", "in_use"}
+    if body["configured"]:
+        # Above the cap only after a lowered one, while the requests admitted before drain.
+        assert type(body["in_use"]) is int and body["in_use"] >= 0
     return body
 
 
@@ -607,6 +615,35 @@ def test_no_response_ever_echoes_the_key(api_gateway: GatewayProcess) -> None:
             assert key not in value and token not in value, name
 
 
+# -- requests in flight -----------------------------------------------------------------
+
+
+def test_in_use_is_the_keys_live_request_count_across_workers(api_gateway: GatewayProcess) -> None:
+    token = new_user(api_gateway)
+    assert status_of(api_gateway, token)["in_use"] is None  # no key, nothing to count
+    response = put_json(api_gateway, token, {"key": new_key("busy"), "max_concurrent": 4})
+    assert response.status_code == 204
+    assert status_of(api_gateway, token)["in_use"] == 0  # before any request used the key
+    with held_streams(api_gateway, token, 2):
+        for _ in range(4):  # each read on a new connection: whichever worker answers
+            assert status_of(api_gateway, token)["in_use"] == 2
+        with held_streams(api_gateway, token, 1):
+            assert status_of(api_gateway, token)["in_use"] == 3
+            # A lowered cap: the requests admitted under the old one still count.
+            assert put_json(api_gateway, token, {"max_concurrent": 1}).status_code == 204
+            lowered = status_of(api_gateway, token)
+            assert (lowered["max_concurrent"], lowered["in_use"]) == (1, 3)
+    deadline = time.monotonic() + 10
+    while (in_use := status_of(api_gateway, token)["in_use"]) != 0:
+        assert time.monotonic() < deadline, f"still {in_use} in use after the streams ended"
+        time.sleep(0.05)
+    other = new_user(api_gateway)  # another user's key is counted apart
+    assert put_json(api_gateway, other, {"key": new_key("idle")}).status_code == 204
+    with held_streams(api_gateway, token, 1):
+        assert status_of(api_gateway, other)["in_use"] == 0
+        assert status_of(api_gateway, token)["in_use"] == 1
+
+
 # -- the schema and health --------------------------------------------------------------
 
 
@@ -625,7 +662,15 @@ def test_openapi_schema_describes_the_settings_api(api_gateway: GatewayProcess) 
     assert "204" in operations["put"]["responses"]
     status_ref = operations["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     status_schema = schema["components"]["schemas"][status_ref["$ref"].rsplit("/", 1)[-1]]
-    assert set(status_schema["properties"]) == {"configured", "configured_at", "max_concurrent"}
+    assert set(status_schema["properties"]) == {
+        "configured",
+        "configured_at",
+        "max_concurrent",
+        "in_use",
+    }
+    in_use = status_schema["properties"]["in_use"]
+    assert {"integer", "null"} == {kind["type"] for kind in in_use["oneOf"]}
+    assert "in flight" in in_use["description"]
     assert "204" in operations["delete"]["responses"]
     assert "gatewayToken" in schema["components"]["securitySchemes"]
     assert operations["get"]["security"] == [{"gatewayToken": []}]
