@@ -50,6 +50,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_seconds: int = 1
     log_level: str = "INFO"
     heap_trim_interval: float = 1.0  # 0: never trim
+    request_body_timeout: float = 30.0
 
     @property
     def master_key_file(self) -> Path:
@@ -119,6 +120,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
             heap_trim_interval=_float(
                 env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
+            ),
+            request_body_timeout=_float(
+                env.get("GATEWAY_REQUEST_BODY_TIMEOUT"), "GATEWAY_REQUEST_BODY_TIMEOUT", 30.0
             ),
         )
 
