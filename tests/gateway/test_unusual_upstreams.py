@@ -22,7 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from ipc.ledger import read_ledger
 from ipc.namespace import usage
+from ipc.naming import list_ledgers
 from tests.fixtures.gateway import GatewayProcess, module_gateway
 from tests.fixtures.scripted_upstream import Exchange, Gate, ScriptedUpstream, scripted_upstream
 
@@ -72,15 +74,24 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def held_in_ledgers(gateway: GatewayProcess) -> int:
+    """Permits the workers' own ledgers say they hold."""
+    snapshots = (read_ledger(name) for name in list_ledgers(gateway.namespace))
+    return sum(h.count for s in snapshots if s is not None for h in s.holdings)
+
+
 def wait_all_free(gateway: GatewayProcess, timeout: float = 5.0) -> None:
+    """Every permit back: on the semaphores and in the workers' ledgers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = usage(gateway.namespace)
-        if all(row.in_use == 0 for row in rows):
+        if all(row.in_use == 0 for row in rows) and held_in_ledgers(gateway) == 0:
             assert all(row.free == row.cap for row in rows)
             return
         time.sleep(0.05)
-    raise AssertionError(f"permits still held: {usage(gateway.namespace)}")
+    raise AssertionError(
+        f"permits still held: {usage(gateway.namespace)}, {held_in_ledgers(gateway)} in ledgers"
+    )
 
 
 def wait_in_use(gateway: GatewayProcess, count: int, timeout: float = 5.0) -> None:
