@@ -34,6 +34,7 @@ _KIND_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -81,10 +82,10 @@ def create_app(settings: Settings) -> GatewayApp:
     resources = WorkerResources(settings)
     proxy = Proxy(
         resources,
-        upstream_base=settings.upstream_url,
         max_body=MAX_REQUEST_BODY,
         retry_after=settings.retry_after_seconds,
         read_timeout=settings.upstream_read_timeout,
+        body_timeout=settings.request_body_timeout,
     )
 
     @asynccontextmanager

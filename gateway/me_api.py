@@ -20,7 +20,7 @@ from gateway.errors import (
     StorageUnavailableError,
     UnsupportedMediaType,
 )
-from gateway.headers import gateway_token
+from gateway.headers import gateway_token, is_sendable_key
 from gateway.resources import WorkerResources
 from storage import repository
 from storage.errors import StorageError, StorageUnavailable
@@ -86,6 +86,13 @@ def parse_key_update(raw: bytes) -> KeyUpdate:
             raise InvalidRequest(f"key: must be at most {MAX_KEY_LENGTH} characters")
         if not key.startswith(KEY_PREFIX):
             raise InvalidRequest(f"key: must start with {KEY_PREFIX!r}")
+        if not is_sendable_key(key):
+            # It goes out as a header value: anything else could never be sent, or would
+            # write a header of its own.
+            raise InvalidRequest(
+                "key: must hold only visible ASCII characters (no spaces, control "
+                "characters or non-ASCII letters)"
+            )
     return KeyUpdate(key=key, max_concurrent=cap)
 
 
@@ -130,7 +137,7 @@ class _KeyUpdateOperation(Operation):
                             "key": Schema(
                                 type=OpenAPIType.STRING,
                                 max_length=MAX_KEY_LENGTH,
-                                pattern="^sk-ant-",
+                                pattern="^sk-ant-[!-~]*$",
                                 description="The user's Anthropic API key (write-only)",
                             ),
                             "max_concurrent": Schema(
@@ -173,7 +180,8 @@ class AnthropicKeyController(Controller):
         status_code=HTTP_204_NO_CONTENT,
         summary="Store or rotate the Anthropic key, and/or change the concurrency cap",
         description=(
-            "`key` (starts with sk-ant-, at most 256 characters) and `max_concurrent` "
+            "`key` (starts with sk-ant-, visible ASCII only, at most 256 characters) and "
+            "`max_concurrent` "
             "(1..256, default 8 for a new key) are both optional, but not both absent. "
             "Rotating the key without a cap keeps the stored cap. A cap alone needs a "
             "stored key. The new cap applies to the next request in every worker."

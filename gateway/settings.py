@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     heap_trim_interval: float = 1.0  # 0: never trim
     cap_audit_interval: float = 2.0  # 0: no drift audit
+    request_body_timeout: float = 30.0
 
     @property
     def master_key_file(self) -> Path:
@@ -123,6 +124,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ),
             cap_audit_interval=_float(
                 env.get("GATEWAY_CAP_AUDIT_INTERVAL"), "GATEWAY_CAP_AUDIT_INTERVAL", 2.0, zero=True
+            ),
+            request_body_timeout=_float(
+                env.get("GATEWAY_REQUEST_BODY_TIMEOUT"), "GATEWAY_REQUEST_BODY_TIMEOUT", 30.0
             ),
         )
 
