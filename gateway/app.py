@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> GatewayApp:
         retry_after=settings.retry_after_seconds,
         read_timeout=settings.upstream_read_timeout,
         body_timeout=settings.request_body_timeout,
+        queue_timeout=settings.queue_timeout,
     )
 
     @asynccontextmanager

@@ -141,7 +141,15 @@ def main() -> None:
     help="HTTP/1.1 only, or also HTTP/2 (prior knowledge). HTTP/1.1 only holds an open "
     "stream in about half the memory.",
 )
+@click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds a request over a cap may wait in line for a slot before its 429 "
+    "[default: GATEWAY_QUEUE_TIMEOUT, or 0: an instant 429].",
+)
 def serve(
+    queue_timeout: float | None,
     loop: str,
     http: str,
     host: str,
@@ -156,7 +164,7 @@ def serve(
     """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
     from gateway.launcher import Launcher
 
-    settings = _settings(host=host, port=port)
+    settings = _settings(host=host, port=port, queue_timeout=queue_timeout)
     configure_logging(settings.log_level)
     options = GranianOptions(
         host=host,

@@ -65,6 +65,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         GATEWAY_HOST=settings.host,
         GATEWAY_PORT=str(settings.port),
         GATEWAY_UPSTREAM_URL=settings.upstream_url,
+        GATEWAY_QUEUE_TIMEOUT=str(settings.queue_timeout),
     )
     # Granian's Rust side allocates with its own (prefixed) jemalloc, which by default
     # keeps freed pages for 10 s: a worker's resident memory then climbs with every wave

@@ -37,8 +37,10 @@ from gateway.headers import (
 from gateway.paths import upstream_target
 from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
+from ipc.caps import CredentialGate
 from ipc.errors import LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
+from ipc.queue import Queue
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -69,6 +71,7 @@ class ProxyRuntime:
     credentials: CredentialCache
     gatekeeper: Gatekeeper
     upstream: Upstream
+    queue: Queue | None  # the waiting lines, when GATEWAY_QUEUE_TIMEOUT is set
 
 
 class Proxy:
@@ -80,12 +83,14 @@ class Proxy:
         retry_after: int,
         read_timeout: float,
         body_timeout: float,
+        queue_timeout: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.max_body = max_body
         self.retry_after = str(retry_after)
         self.read_timeout = read_timeout
         self.body_timeout = body_timeout
+        self.queue_timeout = queue_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -94,6 +99,7 @@ class Proxy:
         path = raw_path.decode("latin-1")
         headers = scope["headers"]
         user_id = None
+        waited = 0.0
         try:
             target = upstream_target(raw_path, scope.get("query_string", b""))
             token = gateway_token(headers)
@@ -106,8 +112,17 @@ class Proxy:
             self._refuse_declared_too_large(headers)
             # Admitted before the body is read: an upload in progress holds its permits, so
             # the caps bound uploads too (a cap-1 user cannot have four open at once).
+            queue = self.runtime.queue
+            reading: asyncio.Task[bytes] | None = None
             try:
-                admitted = self.runtime.gatekeeper.admit(credential.gate)
+                if queue is None:
+                    admitted = self.runtime.gatekeeper.admit(credential.gate)
+                else:
+                    admitted = self.runtime.gatekeeper.admit_unless_queued(credential.gate, queue)
+                    if isinstance(admitted, Rejected):
+                        admitted, reading, waited = await self._wait_in_line(
+                            credential.gate, queue, receive
+                        )
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
                 raise Overloaded(
@@ -116,7 +131,7 @@ class Proxy:
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
             try:
-                body = await self._read_body(receive)
+                body = await (reading if reading is not None else self._read_body(receive))
                 request = self.runtime.upstream.request(
                     method,
                     target,
@@ -132,7 +147,7 @@ class Proxy:
             return
         except GatewayError as err:
             await _send_error(send, err)
-            _access(method, path, user_id, err.status, started, 0, err.kind)
+            _access(method, path, user_id, err.status, started, 0, err.kind, waited)
             return
         except Exception:
             # Logged with its trace here; the client gets no trace, key or token.
@@ -150,11 +165,46 @@ class Proxy:
             path=path,
             user_id=str(user_id),
             started=started,
+            waited=waited,
         )
         # An agent's request body is its whole context (often hundreds of KiB); held here
         # it would live as long as the stream. The relay drops it once it is sent.
         del request, body
         await relay
+
+    async def _wait_in_line(
+        self, gate: CredentialGate, queue: Queue, receive: Receive
+    ) -> tuple[Permit | Rejected, asyncio.Task[bytes] | None, float]:
+        """Wait for a slot (``GATEWAY_QUEUE_TIMEOUT``) while the body arrives, and leave the
+        line at once if the client goes. Returns the admission, the body still being read
+        (the caller awaits it, holding the permit) and the seconds waited."""
+        started = time.perf_counter()
+        waiting = asyncio.create_task(
+            self.runtime.gatekeeper.admit_waiting(gate, queue, within=self.queue_timeout)
+        )
+        reading: asyncio.Task[bytes] = asyncio.create_task(self._read_body(receive))
+        watching: asyncio.Future[Message] | None = None
+        try:
+            await asyncio.wait((waiting, reading), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                reading.result()  # the body failed (client gone, too large, late): it raises
+                # The whole body is in: go on waiting, watching for the client to leave.
+                watching = asyncio.ensure_future(receive())
+                await asyncio.wait((waiting, watching), return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    raise ClientGone
+            admitted = waiting.result()
+        except BaseException:
+            _abandon(waiting)
+            reading.cancel()
+            raise
+        finally:
+            if watching is not None:
+                watching.cancel()
+        if isinstance(admitted, Rejected):
+            reading.cancel()
+            return admitted, None, admitted.waited or 0.0
+        return admitted, reading, time.perf_counter() - started
 
     def _refuse_declared_too_large(self, headers: list[tuple[bytes, bytes]]) -> None:
         """A declared length above the limit is refused before admission and before a
@@ -204,6 +254,8 @@ class Proxy:
             if rejected.scope == "global"
             else CREDENTIAL_CAP_MESSAGE.format(cap=rejected.cap)
         )
+        if rejected.waited is not None:
+            message += f" (waited {rejected.waited:.1f} s)"
         return Overloaded(message, headers=self._retry_headers(rejected.scope))
 
     def _retry_headers(self, scope: str) -> dict[str, str]:
@@ -224,6 +276,7 @@ class Proxy:
         path: str,
         user_id: str,
         started: float,
+        waited: float,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -292,7 +345,18 @@ class Proxy:
             if response is not None:
                 # Shielded: a second cancel must not leave the upstream connection open.
                 await asyncio.shield(response.aclose())
-            _access(method, path, user_id, status, started, tally.sent, outcome)
+            _access(method, path, user_id, status, started, tally.sent, outcome, waited)
+
+
+def _abandon(waiting: asyncio.Task[Permit | Rejected]) -> None:
+    """Stop waiting: the line is left and anything taken given back, also when the
+    permit arrived just as the client left."""
+    if not waiting.done():
+        waiting.cancel()  # admit_waiting leaves the line and gives back what it took
+    elif not waiting.cancelled() and waiting.exception() is None:
+        result = waiting.result()
+        if isinstance(result, Permit):
+            result.release()
 
 
 class _Tally:
@@ -481,17 +545,18 @@ def _access(
     started: float,
     sent: int,
     outcome: str,
+    waited: float = 0.0,
 ) -> None:
     if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "proxied",
-            extra={
-                "user_id": None if user_id is None else str(user_id),
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "bytes": sent,
-                "outcome": outcome,
-            },
-        )
+        extra = {
+            "user_id": None if user_id is None else str(user_id),
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "bytes": sent,
+            "outcome": outcome,
+        }
+        if waited:
+            extra["waited_ms"] = round(waited * 1000, 2)
+        access_log.info("proxied", extra=extra)

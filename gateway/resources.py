@@ -15,6 +15,7 @@ from gateway.upstream import Upstream
 from ipc.caps import apply_cap, read_state
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
+from ipc.queue import Queue
 from storage.crypto import MasterKey, load_or_create_master_key_file
 from storage.engine import bind_engine, close_engine, create_engine, open_engine
 from storage.errors import MasterKeyError
@@ -66,6 +67,15 @@ class WorkerResources(ProxyRuntime):
             self.ledger.close()
             raise
         self.credentials = CredentialCache(self.gatekeeper, self.master_key)
+        self.queue = (
+            Queue(
+                settings.ipc_namespace,
+                self.ledger,
+                max_waiters=settings.queue_max_waiters,
+            )
+            if settings.queue_timeout > 0
+            else None
+        )
         self.upstream = Upstream(settings)
         self._trimmer = asyncio.get_running_loop().create_task(
             HeapTrimmer(settings.heap_trim_interval).run()
@@ -74,6 +84,8 @@ class WorkerResources(ProxyRuntime):
     async def close(self) -> None:
         self._trimmer.cancel()
         await self.upstream.aclose()
+        if self.queue is not None:
+            self.queue.close()
         self.gatekeeper.close()
         self.ledger.close()
         await close_engine(self.engine)

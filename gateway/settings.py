@@ -52,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     heap_trim_interval: float = 1.0  # 0: never trim
     cap_audit_interval: float = 2.0  # 0: no drift audit
     request_body_timeout: float = 30.0
+    queue_timeout: float = 0.0  # 0: over a cap is an instant 429 (no waiting line)
+    queue_max_waiters: int = 64
 
     @property
     def master_key_file(self) -> Path:
@@ -127,6 +129,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ),
             request_body_timeout=_float(
                 env.get("GATEWAY_REQUEST_BODY_TIMEOUT"), "GATEWAY_REQUEST_BODY_TIMEOUT", 30.0
+            ),
+            queue_timeout=_float(
+                str(overrides["queue_timeout"])
+                if overrides.get("queue_timeout") is not None
+                else env.get("GATEWAY_QUEUE_TIMEOUT"),
+                "GATEWAY_QUEUE_TIMEOUT",
+                0.0,
+                zero=True,
+            ),
+            queue_max_waiters=_int(
+                env.get("GATEWAY_QUEUE_MAX_WAITERS"), "GATEWAY_QUEUE_MAX_WAITERS", 64, lo=1
             ),
         )
 

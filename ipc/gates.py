@@ -78,7 +78,9 @@ class Gate:
 class Rejected(msgspec.Struct, frozen=True):
     scope: Literal["global", "credential"]
     cap: int
-    waited: float = 0.0  # seconds spent in a waiting line before the refusal
+    # Seconds spent in a waiting line before the refusal; None when refused at once (no
+    # queue, or its line was full).
+    waited: float | None = None
 
 
 class Permit:
@@ -200,6 +202,18 @@ class Gatekeeper:
         )
         return Permit(gates, ledger)
 
+    def admit_unless_queued(self, credential: CredentialGate, queue: Queue) -> Permit | Rejected:
+        """``admit``, but refused while anyone waits for either gate: a newcomer never
+        barges past a line (the caller then waits in it)."""
+        global_gate = self.global_gate
+        if global_gate is not None and queue.crowded(
+            waiting_room_name(self.namespace, None)
+        ):
+            return Rejected(scope="global", cap=global_gate.cap)
+        if queue.crowded(waiting_room_name(self.namespace, credential.user_id)):
+            return Rejected(scope="credential", cap=credential.cap)
+        return self.admit(credential)
+
     async def admit_waiting(
         self, credential: CredentialGate, queue: Queue, *, within: float
     ) -> Permit | Rejected:
@@ -220,11 +234,15 @@ class Gatekeeper:
         def left() -> float:
             return max(0.0, within - (loop.time() - started))
 
-        def rejected(scope: Literal["global", "credential"], cap: int) -> Rejected:
-            return Rejected(scope=scope, cap=cap, waited=loop.time() - started)
+        def rejected(
+            scope: Literal["global", "credential"], cap: int, outcome: bool | None
+        ) -> Rejected:
+            waited = None if outcome is None else loop.time() - started  # None: line full
+            return Rejected(scope=scope, cap=cap, waited=waited)
 
         async def take(gate: AnyGate, place: str) -> bool | None:
-            """A permit of ``gate``, recorded: at once if nobody waits, else in line."""
+            """A permit of ``gate``, recorded: at once if nobody waits, else in line (None:
+            the line is full)."""
             if not queue.crowded(place) and gate.try_acquire():
                 _recorded(gate, ledger)
                 return True
@@ -233,8 +251,8 @@ class Gatekeeper:
         held: list[AnyGate] = []
         try:
             if global_gate is not None:
-                if not await take(global_gate, global_room):
-                    return rejected("global", global_gate.cap)
+                if not (got := await take(global_gate, global_room)):
+                    return rejected("global", global_gate.cap, got)
                 held.append(global_gate)
             if not queue.crowded(room) and credential.try_acquire():
                 _recorded(credential, ledger)
@@ -243,14 +261,14 @@ class Gatekeeper:
                 if global_gate is not None:
                     _give_back(global_gate, ledger)
                     held.clear()
-                if not await queue.wait(credential, room, left()):
-                    return rejected("credential", credential.cap)
+                if not (got := await queue.wait(credential, room, left())):
+                    return rejected("credential", credential.cap, got)
                 held.append(credential)
                 if global_gate is not None:
                     # Holding the credential's own permit while it waits for the global
                     # one keeps only this credential's other requests waiting.
-                    if not await take(global_gate, global_room):
-                        return rejected("global", global_gate.cap)
+                    if not (got := await take(global_gate, global_room)):
+                        return rejected("global", global_gate.cap, got)
                     held.insert(0, global_gate)
             permit = Permit(tuple(held), ledger)
             held.clear()  # the permit's now: not given back below
