@@ -49,7 +49,7 @@ async def test_six_one_second_streams_on_cap_two_all_succeed(
         *(post_stream(gateway, token, "?events=10&delay=0.1") for _ in range(6))
     )
     assert [r.status_code for r in responses] == [200] * 6
-    assert all(r.text.rstrip().endswith("event: message_stop\ndata: {\"type\":\"message_stop\"}") for r in responses)
+    assert all("event: message_stop" in r.text for r in responses)
     assert max_in_flight(fake_upstream, key) == 2
     waited = [r for r in gateway.log_records() if r.get("logger") == "gateway.access"]
     assert sum(1 for r in waited if r.get("waited_ms", 0) > 500) >= 2, waited
