@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -16,7 +17,7 @@ from gateway.logs import configure_logging
 from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
 from ipc.audit import repairs_made
 from ipc.caps import apply_cap, read_state
-from ipc.errors import IpcError
+from ipc.errors import CredentialGone, IpcError
 from ipc.namespace import (
     bump_generations,
     held_by_ledgers,
@@ -65,12 +66,14 @@ def _announce_change(
         for namespace in running_namespaces(
             namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
         ):
-            apply_cap(
-                namespace,
-                cap_change.user_id,
-                version=cap_change.current.cap_version,
-                cap=cap_change.current.max_concurrent,
-            )
+            with contextlib.suppress(CredentialGone):  # deleted meanwhile: nothing to resize
+                apply_cap(
+                    namespace,
+                    cap_change.user_id,
+                    version=cap_change.current.cap_version,
+                    cap=cap_change.current.max_concurrent,
+                    create=False,
+                )
     namespaces = bump_generations(
         namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
     )

@@ -38,7 +38,7 @@ from gateway.paths import upstream_target
 from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
 from ipc.caps import CredentialGate
-from ipc.errors import LedgerFull
+from ipc.errors import CredentialGone, LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
 from ipc.queue import Queue
 
@@ -123,6 +123,11 @@ class Proxy:
                         admitted, reading, waited = await self._wait_in_line(
                             credential.gate, queue, receive
                         )
+            except CredentialGone:
+                # Its user was deleted while this request was on its way.
+                raise AuthenticationFailed(
+                    "Invalid, unknown or revoked gateway token."
+                ) from None
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
                 raise Overloaded(

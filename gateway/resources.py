@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -13,6 +14,7 @@ from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from ipc.caps import apply_cap, read_state
+from ipc.errors import CredentialGone
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
 from ipc.queue import Queue
@@ -102,12 +104,13 @@ class WorkerResources(ProxyRuntime):
         from the moment its PUT returns; a later change applied first wins (by version).
         """
         if change.current is not None:
-            apply_cap(
-                self.settings.ipc_namespace,
-                change.user_id,
-                version=change.current.cap_version,
-                cap=change.current.max_concurrent,
-            )
+            with contextlib.suppress(CredentialGone):  # its user was deleted meanwhile
+                apply_cap(
+                    self.settings.ipc_namespace,
+                    change.user_id,
+                    version=change.current.cap_version,
+                    cap=change.current.max_concurrent,
+                )
         self.gatekeeper.bump_generation()
 
     def credential_in_use(self, user_id: uuid.UUID) -> int:

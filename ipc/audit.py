@@ -24,23 +24,19 @@ The audit runs on the reaper's thread, a few times per interval after a reaping 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 
 import msgspec
 import posix_ipc
 
-from ipc.caps import read_records, repair_credential
+from ipc.caps import GateView, repair_credential
 from ipc.ledger import read_ledger
-from ipc.naming import (
-    credential_debt_name,
-    credential_gate_name,
-    list_ledgers,
-    list_semaphores,
-    parse_gate_name,
-    repairs_name,
-)
+from ipc.naming import SHM_DIR, credential_gate_name, parse_gate_name, repairs_name
 
 log = logging.getLogger("ipc.audit")
 
@@ -74,18 +70,24 @@ class Audit:
     def __init__(self, namespace: str, *, interval: float = 2.0) -> None:
         self.namespace = namespace
         self.interval = interval
+        self._reader = GateReader(namespace)
         self._seen: dict[str, tuple[GateReading, float]] = {}  # reading, unchanged since
 
     def run_once(self, now: float | None = None) -> list[Repair]:
         now = time.monotonic() if now is None else now
-        readings, owners = read_gates(self.namespace)
+        readings, owners = self._reader.read()
         seen = self._seen
         self._seen = {}
         stopped = any(_stopped(pid) for pid in owners)
         repairs = []
         for gate, reading in readings.items():
             before = seen.get(gate)
-            since = before[1] if before is not None and before[0] == reading else now
+            # A pass that sees a worker stopped counts as a change: the interval starts
+            # again once every worker runs, so a worker stopped mid-admission has a whole
+            # interval to write its ledger after SIGCONT.
+            since = now
+            if before is not None and before[0] == reading and not stopped:
+                since = before[1]
             self._seen[gate] = (reading, since)
             if reading.drift == 0 or stopped or now - since < self.interval:
                 continue
@@ -104,8 +106,8 @@ class Audit:
             user, version = parsed.user_id, reading.version
             if not repair_credential(self.namespace, user, version, reading.drift):
                 return None  # resized meanwhile: judged again next pass
-        else:
-            _repair_global(gate, reading.drift)
+        elif _repair_global(gate, reading.drift) == 0:
+            return None  # it moved: judged again next pass
         count_repair(self.namespace, parsed.scope)
         log.warning(
             "cap drift repaired",
@@ -123,43 +125,103 @@ class Audit:
         return Repair(gate=gate, scope=parsed.scope, drift=reading.drift)
 
 
-def read_gates(namespace: str) -> tuple[dict[str, GateReading], set[int]]:
-    """Every gate's reading, and the pids that own a ledger."""
-    held: dict[str, list[tuple[str, int, int, int]]] = {}
-    owners = set()
-    for ledger in list_ledgers(namespace):
-        snapshot = read_ledger(ledger)
-        if snapshot is None:
-            continue
-        owners.add(snapshot.pid)
-        for holding in snapshot.holdings:
-            held.setdefault(holding.name, []).append(
-                (ledger, holding.slot, holding.count, holding.ops)
-            )
-    readings: dict[str, GateReading] = {}
-    for name in list_semaphores(namespace):
-        parsed = parse_gate_name(name)
-        if parsed is None or parsed.scope != "global" or parsed.cap is None:
-            continue
-        free = _value(name)
-        if free is not None:
+class GateReader:
+    """Reads every gate of a namespace: one listing of /dev/shm per read, and the
+    semaphores and records kept open across reads (a pass over thousands of credentials
+    costs milliseconds, so the reaper that shares the thread is never late)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._views: dict[uuid.UUID, GateView] = {}
+        self._globals: dict[str, posix_ipc.Semaphore] = {}
+
+    def read(self) -> tuple[dict[str, GateReading], set[int]]:
+        """Every gate's reading, and the pids that own a ledger."""
+        ns = self.namespace
+        ledgers, records, globals_ = [], {}, []
+        with os.scandir(SHM_DIR) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(f"{ns}.l."):
+                    ledgers.append("/" + name)
+                elif name.startswith(f"{ns}.k."):
+                    with contextlib.suppress(ValueError, OSError):
+                        records[uuid.UUID(hex=name[len(ns) + 3 :])] = entry.inode()
+                elif name.startswith(f"sem.{ns}.g."):
+                    globals_.append("/" + name[4:])
+        held: dict[str, list[tuple[str, int, int, int]]] = {}
+        owners = set()
+        for ledger in ledgers:
+            # Idle slots too: a slot back at count 0 whose operation counter moved is a
+            # gate used between two readings, even when the counts came back.
+            snapshot = read_ledger(ledger, with_idle=True)
+            if snapshot is None:
+                continue
+            owners.add(snapshot.pid)
+            for holding in snapshot.holdings:
+                held.setdefault(holding.name, []).append(
+                    (ledger, holding.slot, holding.count, holding.ops)
+                )
+        readings: dict[str, GateReading] = {}
+        for name in globals_:
+            parsed = parse_gate_name(name)
+            sem = self._global(name)
+            if parsed is None or parsed.cap is None or sem is None:
+                continue
             readings[name] = GateReading(
-                free=free, debt=0, cap=parsed.cap, version=0, held=tuple(held.get(name, ()))
+                free=int(sem.value),
+                debt=0,
+                cap=parsed.cap,
+                version=0,
+                held=tuple(held.get(name, ())),
             )
-    for user_id, record in read_records(namespace).items():
-        name = credential_gate_name(namespace, user_id)
-        free = _value(name)
-        debt = _value(credential_debt_name(namespace, user_id))
-        if free is None or debt is None or record.cap != record.applied:
-            continue  # mid-resize: the cap sync finishes it first
-        readings[name] = GateReading(
-            free=free,
-            debt=debt,
-            cap=record.applied,
-            version=record.version,
-            held=tuple(held.get(name, ())),
-        )
-    return readings, owners
+        for user_id in list(self._views):
+            if records.get(user_id) != self._views[user_id].inode:
+                self._views.pop(user_id).close()  # gone, or made again: reopen
+        for user_id, inode in records.items():
+            view = self._views.get(user_id)
+            if view is None:
+                view = GateView.open(ns, user_id, inode)
+                if view is None:
+                    continue
+                self._views[user_id] = view
+            state = view.read()
+            if state is None:
+                continue  # deleted, or not finished by its creator
+            version, cap, applied, free, debt = state
+            if cap != applied:
+                continue  # mid-resize: the cap sync finishes it first
+            name = credential_gate_name(ns, user_id)
+            readings[name] = GateReading(
+                free=free, debt=debt, cap=applied, version=version, held=tuple(held.get(name, ()))
+            )
+        return readings, owners
+
+    def _global(self, name: str) -> posix_ipc.Semaphore | None:
+        sem = self._globals.get(name)
+        if sem is None:
+            try:
+                sem = self._globals[name] = posix_ipc.Semaphore(name)
+            except posix_ipc.ExistentialError:
+                return None
+        return sem
+
+    def close(self) -> None:
+        for view in self._views.values():
+            view.close()
+        for sem in self._globals.values():
+            sem.close()
+        self._views.clear()
+        self._globals.clear()
+
+
+def read_gates(namespace: str) -> tuple[dict[str, GateReading], set[int]]:
+    """Every gate's reading, and the pids that own a ledger (a one-off read)."""
+    reader = GateReader(namespace)
+    try:
+        return reader.read()
+    finally:
+        reader.close()
 
 
 def count_repair(namespace: str, scope: str) -> None:
@@ -177,19 +239,22 @@ def repairs_made(namespace: str) -> dict[str, int]:
     }
 
 
-def _repair_global(name: str, drift: int) -> None:
+def _repair_global(name: str, drift: int) -> int:
+    """The permits given back (> 0) or taken back (< 0)."""
     sem = posix_ipc.Semaphore(name)
+    done = 0
     try:
-        if drift > 0:
-            for _ in range(drift):
-                sem.release()
-        else:
-            for _ in range(-drift):
-                sem.acquire(0)  # a quiet gate with extra permits has them free
+        for _ in range(drift):
+            sem.release()
+            done += 1
+        for _ in range(-drift):
+            sem.acquire(0)  # a quiet gate with extra permits has them free
+            done -= 1
     except posix_ipc.BusyError:
         log.warning("gate %s moved while its drift was repaired", name)
     finally:
         sem.close()
+    return done
 
 
 def _value(name: str) -> int | None:

@@ -16,7 +16,7 @@ import msgspec
 import posix_ipc
 
 from ipc.caps import CredentialGate, open_credential_gate
-from ipc.errors import LedgerFull, NamespaceMissing
+from ipc.errors import CredentialGone, LedgerFull, NamespaceMissing
 from ipc.ledger import Ledger
 from ipc.naming import generation_name, global_gate_name, waiting_room_name
 from ipc.queue import Queue
@@ -113,12 +113,26 @@ def _recorded(gate: AnyGate, ledger: Ledger) -> None:
     gate.holders += 1
 
 
+def _retire(gate: AnyGate) -> None:
+    gate.retired = True
+    if not gate.holders:
+        gate.close()
+
+
 def _give_back(gate: AnyGate, ledger: Ledger) -> None:
     ledger.unrecord(gate.name)
     gate.release()
     gate.holders -= 1
     if gate.retired and not gate.holders:
         gate.close()
+
+
+def _try(credential: CredentialGate) -> bool:
+    """``try_acquire``; a gate closed under us (its user deleted meanwhile) is gone."""
+    try:
+        return credential.try_acquire()
+    except posix_ipc.ExistentialError:
+        raise CredentialGone(f"the gate of user {credential.user_id} was closed") from None
 
 
 class Gatekeeper:
@@ -170,13 +184,18 @@ class Gatekeeper:
         return gate
 
     def forget_credential_gates(self) -> None:
-        """Close every credential gate (one with permits out closes when they come back):
-        after a change anywhere, so a deleted user's gate does not stay mapped."""
+        """Close every credential gate (one with permits out closes when they come back)."""
         for gate in self._credential_gates.values():
-            gate.retired = True
-            if not gate.holders:
-                gate.close()
+            _retire(gate)
         self._credential_gates.clear()
+
+    def drop_deleted_gates(self) -> None:
+        """After a change anywhere: close the gates of deleted users (a gate's name never
+        changes, so every other gate stays open; a cap change reaches it by version)."""
+        for user_id, gate in list(self._credential_gates.items()):
+            if gate.deleted:
+                del self._credential_gates[user_id]
+                _retire(gate)
 
     # Admission.
 
@@ -187,7 +206,13 @@ class Gatekeeper:
             if not global_gate.try_acquire():
                 return Rejected(scope="global", cap=global_gate.cap)
             _recorded(global_gate, ledger)
-        if not credential.try_acquire():
+        try:
+            admitted = _try(credential)
+        except BaseException:
+            if global_gate is not None:
+                _give_back(global_gate, ledger)
+            raise
+        if not admitted:
             if global_gate is not None:
                 _give_back(global_gate, ledger)
             return Rejected(scope="credential", cap=credential.cap)
@@ -254,7 +279,7 @@ class Gatekeeper:
                 if not (got := await take(global_gate, global_room)):
                     return rejected("global", global_gate.cap, got)
                 held.append(global_gate)
-            if not queue.crowded(room) and credential.try_acquire():
+            if not queue.crowded(room) and _try(credential):
                 _recorded(credential, ledger)
                 held.append(credential)
             else:

@@ -23,6 +23,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator
 from typing import Final
 
@@ -105,7 +106,9 @@ class Ledger:
         self._slot_of: dict[str, int] = {}
         self._counts: dict[str, int] = {}
         self._ops = [0] * slots
-        self._free: list[int] = list(range(slots - 1, -1, -1))
+        # Oldest freed first: a slot keeps naming its last gate (with its operation
+        # counter) as long as possible, so the audit sees that gate was used.
+        self._free: deque[int] = deque(range(slots))
 
     def record(self, name: str) -> None:
         count = self._counts.get(name, 0) + 1
@@ -113,7 +116,7 @@ class Ledger:
         if slot is None:
             if not self._free:
                 raise LedgerFull(f"ledger {self.name} has no free slot for {name}")
-            slot = self._free.pop()
+            slot = self._free.popleft()
             self._slot_of[name] = slot
             offset = _HEADER.size + slot * _SLOT_BYTES + _NAME_AT
             self._map[offset : offset + _NAME_BYTES] = name.encode().ljust(_NAME_BYTES, b"\0")
@@ -147,13 +150,17 @@ class Ledger:
             unlink_ledger(self.name)
 
 
-def read_ledger(name: str, *, with_holdings: bool = True) -> LedgerSnapshot | None:
-    """Read a ledger by name; None when it is gone or not a ledger."""
+def read_ledger(
+    name: str, *, with_holdings: bool = True, with_idle: bool = False
+) -> LedgerSnapshot | None:
+    """Read a ledger by name; None when it is gone or not a ledger. ``with_idle`` also
+    lists slots at count 0 that still name a gate (their operation counters moved if the
+    gate was used since)."""
     with _mapped(name, locked=False) as found:
         if found is None:
             return None
         view, (pid, start, slots) = found
-        holdings = list(_holdings(view, slots)) if with_holdings else []
+        holdings = list(_holdings(view, slots, idle=with_idle)) if with_holdings else []
     return LedgerSnapshot(ledger=name, pid=pid, start_time=start, holdings=holdings)
 
 
@@ -236,11 +243,11 @@ def unlink_ledger(name: str) -> None:
 _SLOT_COUNTS: Final = struct.Struct(f"<qq{_NAME_BYTES}x")  # a whole slot, name skipped
 
 
-def _holdings(view: mmap.mmap, slots: int) -> Iterator[Holding]:
+def _holdings(view: mmap.mmap, slots: int, *, idle: bool = False) -> Iterator[Holding]:
     # iter_unpack walks every slot in C: the audit reads all ledgers a few times a second.
     table = view[_HEADER.size : _HEADER.size + slots * _SLOT_BYTES]
     for slot, (count, ops) in enumerate(_SLOT_COUNTS.iter_unpack(table)):
-        if count > 0:
+        if count > 0 or (idle and ops > 0):
             offset = _HEADER.size + slot * _SLOT_BYTES
             raw = view[offset + _NAME_AT : offset + _SLOT_BYTES].rstrip(b"\0")
             yield Holding(slot=slot, name=raw.decode(), count=count, ops=ops)
