@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -64,6 +65,7 @@ class GatewayServer:
         workers: int,
         global_cap: int | None,
         log_level: str = "WARNING",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workers = workers
@@ -84,6 +86,7 @@ class GatewayServer:
         )
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
+        env.update(extra_env or {})
         self.env = env
         self._process: subprocess.Popen[bytes] | None = None
         self._http = httpx.Client(base_url=self.url, timeout=15.0)
@@ -133,6 +136,19 @@ class GatewayServer:
     def worker_pids(self) -> list[int]:
         """The Granian workers: launcher > Granian server > workers."""
         return [] if self.pid is None else grandchildren(self.pid)
+
+    def access_records(self) -> list[dict[str, Any]]:
+        """The workers' access log lines (JSON), parsed."""
+        records = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
+            if '"gateway.access"' in line:
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+        return records
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the gateway's log, without the one warning every 429 logs."""

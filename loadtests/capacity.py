@@ -33,6 +33,7 @@ from __future__ import annotations
 # Locust monkey-patches the standard library for gevent: before anything imports ssl.
 import locust  # isort: split
 
+import contextlib
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,7 @@ class Plan:
     expect_cap: int
     churn: float = 0.0
     kill_every: float = 8.0
+    queue_timeout: float = 0.0
 
     @property
     def stream_seconds(self) -> float:
@@ -240,7 +243,7 @@ def create_credentials(gateway: GatewayServer, plan: Plan) -> Credentials:
 
 
 def locust_options(
-    plan: Plan, url: str, creds: Credentials, *, upstream_query: str = ""
+    plan: Plan, url: str, creds: Credentials, *, upstream_query: str = "", queue_token: str = ""
 ) -> Any:
     """The locustfile's options, as its own command-line parser reads them."""
     args = [
@@ -251,6 +254,7 @@ def locust_options(
         "--hot-token", creds.hot.token,
         "--churn-tokens", ",".join(c.token for c in creds.churn),
         "--cap-change-token", creds.change.token,
+        "--queue-token", queue_token,
         "--cap-change-values", ",".join(map(str, plan.cap_change)),
         "--cap-change-every", str(plan.cap_change_every),
         "--stream-events", str(plan.events),
@@ -430,6 +434,138 @@ def judge_churn(churn: ChurnResult, gates: Check, repairs_after: dict[str, int])
     ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueueResult:
+    statuses: Counter[int]
+    failures: Counter[str]
+    most_in_flight: int
+    counts: list[int]
+    waits_ms: list[float]
+    refused_waits_ms: list[float]
+    order: list[int]
+
+
+def drive_queue(plan: Plan, fake: FakeUpstream, workdir: Path) -> QueueResult:
+    """The queue phase, on a gateway of its own with GATEWAY_QUEUE_TIMEOUT set: three times
+    a key's cap of streamers on it for a phase. Each request is numbered as sent; the
+    upstream's record gives the order they were admitted in."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    gateway = GatewayServer(
+        workdir=workdir,
+        upstream_url=fake.url,
+        workers=plan.workers,
+        global_cap=None,
+        log_level="INFO",  # the access log's waited_ms
+        extra_env={
+            "GATEWAY_QUEUE_TIMEOUT": f"{plan.queue_timeout:g}",
+            "GATEWAY_QUEUE_MAX_WAITERS": str(4 * plan.cap),
+        },
+    )
+    try:
+        gateway.start()
+        cred = gateway.create_credential("queue", cap=plan.cap)
+        fake.reset()
+        scenarios.QueueStreamer.host = gateway.url
+        creds = Credentials(hot=cred, change=cred, churn=(), spread=(cred,))
+        env = Environment(
+            user_classes=[scenarios.QueueStreamer],
+            events=locust.events,
+            host=gateway.url,
+            parsed_options=locust_options(plan, gateway.url, creds, queue_token=cred.token),
+        )
+        tally = Tally()
+        hooks: Any = env.events
+        hooks.request.add_listener(tally.on_request)
+        runner = env.create_local_runner()
+        hooks.init.fire(environment=env, runner=runner, web_ui=None)
+        counts: list[int] = []
+        stop = gevent.event.Event()
+
+        def sample() -> None:
+            while not stop.wait(plan.sample_every):
+                with contextlib.suppress(FakeUpstreamError):
+                    stats = fake.stats()["keys"].get(cred.upstream_key, {})
+                    counts.append(int(stats.get("in_flight", 0)))
+
+        sampler = gevent.spawn(sample)
+        try:
+            runner.spawn_users({"QueueStreamer": 3 * plan.cap})
+            gevent.sleep(plan.phase_seconds)
+            # The order: the last requests the upstream saw, before the phase winds down.
+            recent = [s for s in fake.stats()["recent"] if s["key"] == cred.upstream_key]
+            runner.stop_users(dict(runner.user_classes_count))
+        finally:
+            stop.set()
+            sampler.join(timeout=2)
+            runner.quit()
+            hooks.request.remove_listener(tally.on_request)
+        wait_until_idle(fake, within=10.0 + plan.queue_timeout)
+        final = fake.stats()["keys"].get(cred.upstream_key, {})
+        mine = [r for r in gateway.access_records() if r.get("user_id") == cred.user_id]
+        order = [
+            int(part.removeprefix("seq="))
+            for seen in recent
+            for part in str(seen["query"]).split("&")
+            if part.startswith("seq=")
+        ]
+        return QueueResult(
+            statuses=tally.statuses,
+            failures=tally.failures,
+            most_in_flight=int(final.get("max_in_flight", 0)),
+            counts=counts,
+            waits_ms=[float(r.get("waited_ms", 0)) for r in mine if r.get("status") == 200],
+            refused_waits_ms=[float(r.get("waited_ms", 0)) for r in mine if r.get("status") == 429],
+            order=order,
+        )
+    finally:
+        gateway.stop()
+
+
+def fifo_inversions(order: Sequence[int]) -> tuple[int, int]:
+    """(pairs admitted out of the order they were sent, the most places one went early)."""
+    pairs = sum(1 for i, a in enumerate(order) for b in order[i + 1 :] if a > b)
+    ranks = {seq: rank for rank, seq in enumerate(sorted(order))}
+    early = max((ranks[seq] - place for place, seq in enumerate(order)), default=0)
+    return pairs, max(0, early)
+
+
+def judge_queue(plan: Plan, queue: QueueResult) -> tuple[list[Check], list[tuple[str, str]]]:
+    others = {s: n for s, n in queue.statuses.items() if s not in (200, 429)}
+    late = [w for w in queue.refused_waits_ms if w < plan.queue_timeout * 1000 * 0.9]
+    pairs, early = fifo_inversions(queue.order)
+    checks = [
+        Check(
+            "with the queue on, every request served or refused after its whole wait",
+            not others and not late and not queue.failures and queue.statuses[200] > 0,
+            f"{queue.statuses[200]} served, {queue.statuses[429]} refused after waiting "
+            f"(the shortest wait of a refusal {min(queue.refused_waits_ms, default=0):.0f} ms; "
+            f"timeout {plan.queue_timeout:g} s); other statuses {others or 'none'}; "
+            f"failures {dict(queue.failures) or 'none'}",
+        ),
+        never_above(
+            "with the queue on, the upstream never above the cap",
+            observed=queue.most_in_flight,
+            cap=plan.cap,
+            what=f"{3 * plan.cap} streamers in line",
+        ),
+    ]
+    waits = queue.waits_ms
+    p50, p99 = percentile(waits, 0.5) or 0.0, percentile(waits, 0.99) or 0.0
+    figures = [
+        (
+            "queue waits (served)",
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, {len(waits)} requests" if waits else "-",
+        ),
+        (
+            "queue order",
+            f"{pairs} pairs of {len(queue.order) * (len(queue.order) - 1) // 2} admitted out of "
+            f"the order sent, none more than {early} places early "
+            f"({len(queue.order)} most recent requests)",
+        ),
+    ]
+    return checks, figures
+
+
 def wait_until_idle(fake: FakeUpstream, *, within: float) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
@@ -564,6 +700,15 @@ def heading(plan: Plan) -> list[str]:
             if plan.churn
             else []
         ),
+        *(
+            [
+                f"  queue ({plan.phase_seconds:.1f} s, a gateway of its own with "
+                f"GATEWAY_QUEUE_TIMEOUT={plan.queue_timeout:g}): {3 * plan.cap} streamers "
+                f"on one key (cap {plan.cap})"
+            ]
+            if plan.queue_timeout
+            else []
+        ),
     ]
 
 
@@ -593,9 +738,15 @@ def run(plan: Plan) -> int:
             gevent.sleep(2 * AUDIT_INTERVAL)
             settled = settled_caps(gateway, plan, within=10.0 + 2 * AUDIT_INTERVAL)
             checks += judge_churn(churned, settled, repairs_made(gateway.namespace))
-        click.echo(
-            render(heading=heading(plan), figures=figures(plan, result, final), checks=checks)
-        )
+        shown = figures(plan, result, final)
+        if plan.queue_timeout:
+            gateway.stop()
+            queue_checks, queue_figures = judge_queue(
+                plan, drive_queue(plan, fake, workdir / "queue")
+            )
+            checks += queue_checks
+            shown += queue_figures
+        click.echo(render(heading=heading(plan), figures=shown, checks=checks))
         if not all(c.passed for c in checks):
             click.echo(f"\ngateway log (last lines):\n{gateway.log_tail()}")
             return 1
@@ -768,6 +919,16 @@ Examples:
     "--kill-every seconds; then every cap must be exact at rest.",
 )
 @click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds of waiting line (0: no queue phase): after the others, a gateway of its "
+    "own with GATEWAY_QUEUE_TIMEOUT set takes 3 x --cap streamers on one key; every request "
+    "must be served or refused after its whole wait, the upstream never above the cap; the "
+    "wait distribution and the FIFO order are reported.",
+)
+@click.option(
     "--kill-every",
     type=click.FloatRange(min=6.0),
     default=8.0,
@@ -801,6 +962,7 @@ def main(**given: Any) -> None:
         expect_cap=given["expect_cap"] or cap,
         churn=given["churn"],
         kill_every=given["kill_every"],
+        queue_timeout=given["queue_timeout"],
     )
     if problems := plan.problems():
         raise click.UsageError("; ".join(problems))

@@ -19,6 +19,11 @@ User classes (pick some by naming them last on the command line):
   user cycles that key's ``max_concurrent`` through ``--cap-change-values`` via the
   settings API. Both only run when ``--cap-change-token`` is given: the changer rewrites
   a stored setting.
+- ``QueueStreamer``: streams on ``--queue-token`` against a gateway with its waiting line
+  on (``GATEWAY_QUEUE_TIMEOUT``); run three times that key's cap of them. Each request
+  carries ``seq=N`` in its query (its place in the order they were sent), so the
+  upstream's own record tells how close to first come, first served the line was. Only
+  runs when ``--queue-token`` is given.
 
 Entries: a stream records ``SSE /v1/messages first event`` (time to the first SSE event)
 and ``SSE /v1/messages whole stream`` (time to its end) apart; a 429 records
@@ -113,6 +118,13 @@ def add_gateway_options(parser: Any, **_: Any) -> None:
         help="The token whose cap CapChanger cycles (no token: no cap-change scenario).",
     )
     parser.add_argument(
+        "--queue-token",
+        env_var="GATEWAY_LOAD_QUEUE_TOKEN",
+        default="",
+        is_secret=True,
+        help="QueueStreamer's token (no token: no queue scenario).",
+    )
+    parser.add_argument(
         "--cap-change-values",
         env_var="GATEWAY_LOAD_CAP_CHANGE_VALUES",
         default="4,12",
@@ -169,6 +181,7 @@ class LoadOptions:
     spread_tokens: tuple[str, ...] = field(repr=False)
     churn_tokens: tuple[str, ...] = field(repr=False)
     cap_change_token: str | None = field(repr=False)
+    queue_token: str | None = field(repr=False)
     cap_change_values: tuple[int, ...]
     cap_change_every: float
     query: str
@@ -187,6 +200,7 @@ def _options(
     hot: str,
     churn: str,
     change: str,
+    queue: str,
     change_values: str,
     change_every: float,
     query: str,
@@ -210,6 +224,7 @@ def _options(
         spread_tokens=spread,
         churn_tokens=_split(churn) or spread,
         cap_change_token=change_token,
+        queue_token=queue.strip() or None,
         cap_change_values=values,
         cap_change_every=change_every,
         query=query,
@@ -229,6 +244,7 @@ def load_options(parsed: Any) -> LoadOptions:
         parsed.hot_token,
         parsed.churn_tokens,
         parsed.cap_change_token,
+        parsed.queue_token,
         parsed.cap_change_values,
         float(parsed.cap_change_every),
         query,
@@ -252,6 +268,10 @@ def check_options(environment: Any, **_: Any) -> None:
         keep = [u for u in environment.user_classes if not getattr(u, "needs_cap_token", False)]
         if keep and len(keep) < len(environment.user_classes):
             log.info("no --cap-change-token: CapChanger and CapChangeStreamer stay idle")
+            environment.user_classes[:] = keep
+    if options.queue_token is None:
+        keep = [u for u in environment.user_classes if u.__name__ != "QueueStreamer"]
+        if keep and len(keep) < len(environment.user_classes):
             environment.user_classes[:] = keep
 
 
@@ -579,3 +599,23 @@ class CapChanger(GatewayUser):
             exception=failure,
             cap=cap,
         )
+
+
+class QueueStreamer(GatewayUser):
+    """SSE streams on ``--queue-token`` against a gateway whose waiting line is on."""
+
+    weight = 1
+    _sent: ClassVar[Iterator[int]] = itertools.count()
+
+    def pick_tokens(self) -> tuple[str, ...]:
+        return (self.options.queue_token,) if self.options.queue_token else ()
+
+    def messages_path(self) -> str:
+        # Numbered as sent (greenlets of one process: the order is exact), for the FIFO
+        # measurement against the order the upstream saw them.
+        joiner = "&" if self.options.query else "?"
+        return f"{super().messages_path()}{joiner}seq={next(self._sent)}"
+
+    @task
+    def stream_in_line(self) -> None:
+        self.stream()
