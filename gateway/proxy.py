@@ -29,6 +29,8 @@ from gateway.errors import (
     error_body,
 )
 from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
+from gateway.metrics.catalog import CLIENT_CLOSED_STATUS
+from gateway.metrics.tally import RequestTally
 from gateway.paths import upstream_url
 from gateway.upstream import Upstream
 from ipc.errors import LedgerFull
@@ -60,6 +62,7 @@ class ProxyRuntime:
     credentials: CredentialCache
     gatekeeper: Gatekeeper
     upstream: Upstream
+    metrics: RequestTally | None = None  # None: the launcher's metrics endpoint is off
 
 
 class Proxy:
@@ -109,23 +112,29 @@ class Proxy:
                 admitted = self.runtime.gatekeeper.admit(credential.gate)
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
+                if self.runtime.metrics is not None:
+                    self.runtime.metrics.rejected("worker", str(user_id))
                 raise Overloaded(
                     GLOBAL_CAP_MESSAGE, headers=self._retry_headers("worker")
                 ) from None
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
         except ClientGone:
+            self._answered("client_disconnected", CLIENT_CLOSED_STATUS)
+            _access(method, path, user_id, 0, started, 0, "client_disconnected")
             return
         except GatewayError as err:
             await _send_error(send, err)
-            _access(method, path, user_id, err.status, started, 0, err.kind)
+            self._answered(err.outcome, err.status)
+            _access(method, path, user_id, err.status, started, 0, err.outcome)
             return
         except Exception:
             # Logged with its trace here; the client gets no trace, key or token.
             log.exception("unexpected error before forwarding")
             fault = ServerFault("Internal server error.")
             await _send_error(send, fault)
-            _access(method, path, user_id, fault.status, started, 0, "internal_error")
+            self._answered(fault.outcome, fault.status)
+            _access(method, path, user_id, fault.status, started, 0, fault.outcome)
             return
         relay = self._relay(
             send,
@@ -160,6 +169,10 @@ class Proxy:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    def _answered(self, outcome: str, status: int) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.answered(outcome, status)
+
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"Request body exceeds the gateway's limit of {self.max_body} bytes."
@@ -167,6 +180,8 @@ class Proxy:
 
     def _overloaded(self, rejected: Rejected, *, user_id: str, path: str) -> Overloaded:
         reason = "global_cap" if rejected.scope == "global" else "per_credential_cap"
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.rejected(rejected.scope, user_id)
         log.warning(
             "request rejected over a concurrency cap",
             extra={"reason": reason, "cap_value": rejected.cap, "user_id": user_id, "path": path},
@@ -213,10 +228,15 @@ class Proxy:
         response: httpx.Response | None = None
         status = 0
         tally = _Tally()
-        outcome = "ok"
+        # Replaced by how the relay ended; stays only if something unforeseen escapes.
+        outcome = "internal_error"
+        sse = False
+        headers_at = 0.0
+        sent_at = time.perf_counter()
         try:
             try:
                 response = await self.runtime.upstream.send(request)
+                headers_at = time.perf_counter()
                 del request  # sent: the body is not kept for the life of the stream
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(
@@ -241,7 +261,7 @@ class Proxy:
             else:
                 outcome = await _relay_raw(response, send, tally, permit, length)
         except GatewayError as err:
-            status, outcome = err.status, err.kind
+            status, outcome = err.status, err.outcome
             permit.release()
             try:
                 await _send_error(send, err)
@@ -258,6 +278,16 @@ class Proxy:
         finally:
             permit.release()
             watcher.cancel()
+            metrics = self.runtime.metrics
+            if metrics is not None:
+                metrics.relayed(
+                    outcome,
+                    status or CLIENT_CLOSED_STATUS,
+                    streamed=sse,
+                    sent_at=sent_at,
+                    headers_at=headers_at,
+                    ended=time.perf_counter(),
+                )
             if response is not None:
                 # Shielded: a second cancel must not leave the upstream connection open.
                 await asyncio.shield(response.aclose())
@@ -310,7 +340,7 @@ async def _relay_raw(
         # No end is sent: the server then closes the connection, and the client knows the
         # body is incomplete (a clean end would pass a truncated body off as whole).
         log.warning("upstream body failed after %d bytes: %s", tally.sent, type(exc).__name__)
-        return "upstream_cut"
+        return _failure_outcome(exc)
     await _end(send, permit)
     return "ok"
 
@@ -344,11 +374,16 @@ async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally, permit
         )
         await send({"type": "http.response.body", "body": frame, "more_body": True})
         await _end(send, permit)
-        return "upstream_cut"
+        return _failure_outcome(exc)
     if pending:
         tally.sent += len(pending)
     await _end(send, permit, pending)
     return "ok"
+
+
+def _failure_outcome(exc: httpx.HTTPError) -> str:
+    """A body the upstream stopped sending: cut, or silent past the read-idle timeout."""
+    return "upstream_timeout" if isinstance(exc, httpx.TimeoutException) else "upstream_cut"
 
 
 async def _send_error(send: Send, err: GatewayError) -> None:

@@ -9,6 +9,8 @@ removed together, and two deployments (or two tests) never share one.
     /{ns}.d.{user hex}     that credential's debt: permits still to take back after a lowered cap
     /{ns}.k.{user hex}     that credential's cap record (shared memory; see ``ipc.caps``)
     /{ns}.l.{pid}          a worker's ledger (shared memory)
+    {ns}.metrics/          the workers' Prometheus files (a folder in /dev/shm, see
+                           ``gateway.metrics.folder``)
 
 A credential's names carry its user id alone, never its cap: a cap change resizes the
 same semaphore, so every request in flight, old and new, counts against one counter.
@@ -79,6 +81,13 @@ def cap_record_name(namespace: str, user_id: uuid.UUID) -> str:
 
 def ledger_name(namespace: str, pid: int) -> str:
     return _checked(f"/{namespace}.l.{pid}")
+
+
+def metrics_dir(namespace: str) -> Path:
+    """The folder of the namespace's Prometheus multiprocess files: in /dev/shm, so the
+    workers' mmap'd counters live in memory, and named for the namespace so that it is
+    removed with it."""
+    return SHM_DIR / f"{validate_namespace(namespace)}.metrics"
 
 
 def lock_path(namespace: str) -> Path:

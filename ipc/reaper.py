@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import msgspec
 
@@ -35,20 +36,35 @@ def reap_once(namespace: str) -> list[Reaped]:
 
 
 class Reaper(threading.Thread):
-    """Runs ``reap_once`` every ``interval`` seconds until stopped."""
+    """Runs ``reap_once`` every ``interval`` seconds until stopped, handing what each pass
+    reaped (often nothing) to ``on_reaped`` (the launcher counts it and tidies the dead
+    workers' metrics)."""
 
-    def __init__(self, namespace: str, *, interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        interval: float = 0.2,
+        on_reaped: Callable[[list[Reaped]], None] | None = None,
+    ) -> None:
         super().__init__(name=f"reaper-{namespace}", daemon=True)
         self.namespace = namespace
         self.interval = interval
+        self.on_reaped = on_reaped
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                reap_once(self.namespace)
+                reaped = reap_once(self.namespace)
             except Exception:  # a bad ledger must not stop the reaper
                 log.exception("reaper pass failed")
+                continue
+            if self.on_reaped is not None:
+                try:
+                    self.on_reaped(reaped)
+                except Exception:
+                    log.exception("handling reaped workers failed")
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -79,6 +79,9 @@ class GatewayServer:
             GATEWAY_MASTER_KEY=MasterKey.generate().to_base64(),
             GATEWAY_LOG_LEVEL=log_level,
             GATEWAY_PORT=str(self.port),
+            # Metrics on, as in production, on a port of its own (never the default 9464,
+            # which a real gateway on this host may hold).
+            GATEWAY_METRICS_PORT=str(free_port()),
         )
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
