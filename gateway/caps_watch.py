@@ -58,27 +58,35 @@ def rejection_totals(namespace: str) -> Totals | None:
 
 
 class RecentRejections:
-    """Counter readings of the last ``window`` seconds; the difference is what happened
-    in them (or since the watch began, while it is younger than that)."""
+    """What the counters rose by over the last ``window`` seconds of readings (or since
+    the watch began, while it is younger): Prometheus's ``increase()``, over what one
+    watch has read. A counter lower than at the reading before means the gateway
+    restarted and began again from 0."""
 
     def __init__(self, window: float = WINDOW) -> None:
         self.window = window
-        self._readings: collections.deque[tuple[float, Totals]] = collections.deque()
+        self._last: tuple[float, Totals] | None = None
+        # (previous reading's time, this reading's time, the rise between them)
+        self._steps: collections.deque[tuple[float, float, Totals]] = collections.deque()
 
     def add(self, now: float, totals: Totals) -> tuple[Totals, float]:
-        """Record a reading; the rejections since the baseline and the seconds covered."""
-        readings = self._readings
-        readings.append((now, totals))
-        # Keep one reading at or before the window's start: it is the baseline.
-        while len(readings) > 1 and readings[1][0] <= now - self.window:
-            readings.popleft()
-        since, baseline = readings[0]
+        """Record a reading; the rise per key over the window and the seconds covered."""
+        if self._last is not None:
+            since, before = self._last
+            rise = {}
+            for key, value in totals.items():
+                old = before.get(key, 0.0)
+                rise[key] = value - old if value >= old else value
+            self._steps.append((since, now, rise))
+        self._last = (now, totals)
+        steps = self._steps
+        while steps and steps[0][1] <= now - self.window:
+            steps.popleft()
         recent: Totals = {}
-        for key, value in totals.items():
-            before = baseline.get(key, 0.0)
-            # Below the baseline: the gateway restarted and its counters began again.
-            recent[key] = value - before if value >= before else value
-        return recent, now - since
+        for _since, _at, rise in steps:
+            for key, value in rise.items():
+                recent[key] = recent.get(key, 0.0) + value
+        return recent, (now - steps[0][0]) if steps else 0.0
 
 
 class WatchRow(msgspec.Struct, frozen=True):
