@@ -282,7 +282,9 @@ class Proxy:
             if metrics is not None:
                 metrics.relayed(
                     outcome,
-                    status or CLIENT_CLOSED_STATUS,
+                    # No status was sent: the client left first (nginx's 499), or something
+                    # unforeseen escaped, which the server answers with a 500.
+                    status or (CLIENT_CLOSED_STATUS if outcome == "client_disconnected" else 500),
                     streamed=sse,
                     sent_at=sent_at,
                     headers_at=headers_at,

@@ -203,12 +203,20 @@ async def test_requests_are_counted_by_outcome_and_status(
             headers={"x-api-key": token},
         )
         assert streamed.status_code == 200
+        with pytest.raises(httpx.ReadTimeout):  # the client leaves before any status
+            await client.post(
+                f"{gateway.url}/v1/messages?stall_before_headers=5",
+                json={},
+                headers={"x-api-key": token},
+                timeout=0.3,
+            )
     expected = {
         ("ok", "200"): 4,
         ("ok", "500"): 1,  # the upstream's own error passes through: the relay was whole
         ("upstream_timeout", "504"): 1,
         ("upstream_cut", "200"): 1,
         ("auth_failed", "401"): 1,
+        ("client_disconnected", "499"): 1,
     }
     samples = await until(
         gateway,
@@ -220,7 +228,7 @@ async def test_requests_are_counted_by_outcome_and_status(
     )
     # Admitted requests have a duration; the one that stalled has no upstream head.
     unary = value(samples, "gateway_request_duration_seconds_count", streamed="false")
-    assert unary == 6
+    assert unary == 7
     assert value(samples, "gateway_request_duration_seconds_count", streamed="true") == 1
     assert value(samples, "gateway_upstream_headers_seconds_count") == 6
     inf = value(samples, "gateway_request_duration_seconds_bucket", streamed="false", le="+Inf")
