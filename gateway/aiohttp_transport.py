@@ -4,7 +4,12 @@ httpx's default transport is slow at high concurrency (a bare pass-through held 
 streams at our SLO where aiohttp held 1,000). The ``httpx-aiohttp`` package does the
 same job but hands aiohttp the URL as a string, and yarl then decodes the query
 (``x=%2F`` becomes ``x=/``): a gateway must forward the path and query verbatim, so this
-small transport passes the URL pre-encoded and maps aiohttp's errors to httpx's.
+small transport passes the URL pre-encoded (with the request's ``target`` extension as its
+path and query, as httpcore honours it) and maps aiohttp's errors to httpx's.
+
+aiohttp writes header values as text, encoded as UTF-8: a value that is valid UTF-8 goes
+out byte for byte; one that is not is re-encoded (read as Latin-1), which the h1 and httpx
+transports never do.
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ def _mapped_errors() -> Iterator[None]:
         raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
     except aiohttp.ClientError as exc:
         raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+    except ValueError as exc:
+        # aiohttp's own refusal to write a request (a control byte in a header value).
+        raise httpx.LocalProtocolError(str(exc)) from exc
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -57,11 +72,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
+        url = request.url
+        target: bytes = request.extensions.get("target", url.raw_path)
         with _mapped_errors():
             response = await self._session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
-                headers=request.headers.multi_items(),
+                URL(
+                    f"{url.scheme}://{url.netloc.decode('ascii')}{target.decode('ascii')}",
+                    encoded=True,
+                ),
+                # Each value decoded on its own: httpx's multi_items() decodes them all
+                # with one encoding, Latin-1 for all as soon as one is not UTF-8.
+                headers=[(_text(name), _text(value)) for name, value in request.headers.raw],
                 data=request.content or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(

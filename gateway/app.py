@@ -22,6 +22,7 @@ from gateway.proxy import Scope as ProxyScope
 from gateway.proxy import Send as ProxySend
 from gateway.resources import WorkerResources
 from gateway.settings import MAX_REQUEST_BODY, Settings
+from gateway.web import settings_page_router
 from storage.engine import ping
 from storage.errors import StorageError
 
@@ -33,6 +34,7 @@ _KIND_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -80,10 +82,11 @@ def create_app(settings: Settings) -> GatewayApp:
     resources = WorkerResources(settings)
     proxy = Proxy(
         resources,
-        upstream_base=settings.upstream_url,
         max_body=MAX_REQUEST_BODY,
         retry_after=settings.retry_after_seconds,
         read_timeout=settings.upstream_read_timeout,
+        body_timeout=settings.request_body_timeout,
+        queue_timeout=settings.queue_timeout,
     )
 
     @asynccontextmanager
@@ -98,7 +101,7 @@ def create_app(settings: Settings) -> GatewayApp:
             await resources.close()
 
     app = Litestar(
-        route_handlers=[AnthropicKeyController, healthz],
+        route_handlers=[AnthropicKeyController, healthz, settings_page_router()],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _gateway_error,

@@ -6,8 +6,9 @@ and its resize (or in the middle of one) would leave the gate at the old cap, an
 worker's cache holding the old row, until the next change. This thread closes that
 window: it watches the database's latest cap version, and when it moves (and every
 ``full_every`` seconds regardless) applies every stored cap newer than the one its gate
-records; it finishes any resize a killed process left half-done; and when it had to do
-anything it bumps the change counter so that every worker reloads.
+records; it finishes any resize a killed process left half-done; it removes the gates of deleted
+users once no worker holds a permit of them; and when it had to change a cap it bumps
+the change counter so that every worker reloads.
 
 Its event loop holds the launcher's one database engine (Piccolo binds tables to one
 engine per process), so other launcher threads run their queries on it with ``call``.
@@ -24,8 +25,8 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ipc.caps import apply_cap, read_records, resume_resize
-from ipc.namespace import bump_generation
+from ipc.caps import apply_cap, has_deleted, read_records, resume_resize, sweep_deleted
+from ipc.namespace import bump_generation, held_by_ledgers
 from storage import repository
 from storage.engine import connected
 from storage.errors import StorageError
@@ -42,7 +43,7 @@ class CapSync(threading.Thread):
         database_url: str,
         *,
         interval: float = 1.0,
-        full_every: float = 30.0,
+        full_every: float = 10.0,
     ) -> None:
         super().__init__(name=f"cap-sync-{namespace}", daemon=True)
         self.namespace = namespace
@@ -79,7 +80,7 @@ class CapSync(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join()
+        self.join(timeout=10)
 
     async def _run(self) -> None:
         try:
@@ -107,6 +108,8 @@ class CapSync(threading.Thread):
     async def sync_once(self) -> int:
         """One pass; the number of gates it had to change."""
         changed = sum(resume_resize(self.namespace, user) for user in self._half_done())
+        if has_deleted(self.namespace):
+            sweep_deleted(self.namespace, held_by_ledgers(self.namespace))
         latest = await repository.latest_cap_version()
         now = time.monotonic()
         if self._down:
@@ -123,6 +126,7 @@ class CapSync(threading.Thread):
                         key.user_id,
                         version=key.cap_version,
                         cap=key.max_concurrent,
+                        create=False,
                     )
                     log.warning(
                         "applied a committed cap change no worker had applied",

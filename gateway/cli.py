@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -14,8 +15,9 @@ import msgspec
 
 from gateway.logs import configure_logging
 from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
+from ipc.audit import repairs_made
 from ipc.caps import apply_cap, read_state
-from ipc.errors import IpcError
+from ipc.errors import CredentialGone, IpcError
 from ipc.namespace import (
     bump_generations,
     held_by_ledgers,
@@ -64,12 +66,14 @@ def _announce_change(
         for namespace in running_namespaces(
             namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
         ):
-            apply_cap(
-                namespace,
-                cap_change.user_id,
-                version=cap_change.current.cap_version,
-                cap=cap_change.current.max_concurrent,
-            )
+            with contextlib.suppress(CredentialGone):  # deleted meanwhile: nothing to resize
+                apply_cap(
+                    namespace,
+                    cap_change.user_id,
+                    version=cap_change.current.cap_version,
+                    cap=cap_change.current.max_concurrent,
+                    create=False,
+                )
     namespaces = bump_generations(
         namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
     )
@@ -141,6 +145,13 @@ def main() -> None:
     "stream in about half the memory.",
 )
 @click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds a request over a cap may wait in line for a slot before its 429 "
+    "[default: GATEWAY_QUEUE_TIMEOUT, or 0: an instant 429].",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -153,6 +164,7 @@ def main() -> None:
     help="Address of the Prometheus endpoint.  [default: GATEWAY_METRICS_HOST or 127.0.0.1]",
 )
 def serve(
+    queue_timeout: float | None,
     loop: str,
     http: str,
     metrics_port: int | None,
@@ -169,7 +181,13 @@ def serve(
     """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
     from gateway.launcher import Launcher, LaunchError
 
-    settings = _settings(host=host, port=port, metrics_port=metrics_port, metrics_host=metrics_host)
+    settings = _settings(
+        host=host,
+        port=port,
+        queue_timeout=queue_timeout,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
     configure_logging(settings.log_level)
     options = GranianOptions(
         host=host,
@@ -501,6 +519,11 @@ def caps(
         click.echo(f"gateway namespace {running} (launcher pid {launcher_pid(running)})")
         for line in _table(rows):
             click.echo(line)
+        repairs = repairs_made(running)
+        click.echo(
+            f"drift repairs since start: {sum(repairs.values())} "
+            f"(global {repairs['global']}, credential {repairs['credential']})"
+        )
 
 
 if __name__ == "__main__":

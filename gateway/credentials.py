@@ -14,6 +14,7 @@ import uuid
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
 from ipc.caps import CredentialGate
+from ipc.errors import CredentialGone
 from ipc.gates import Gatekeeper
 from storage import repository
 from storage.crypto import MasterKey
@@ -51,7 +52,7 @@ class CredentialCache:
         generation = self._gatekeeper.generation()
         if generation != self._generation:
             self._entries.clear()
-            self._gatekeeper.forget_credential_gates()
+            self._gatekeeper.drop_deleted_gates()
             self._generation = generation
         return generation
 
@@ -81,9 +82,13 @@ class CredentialCache:
             api_key = self._decrypt(stored.ciphertext, stored.nonce, found.user_id)
             # Brings the shared gate to the row's cap if no later change is applied yet
             # (a change whose worker died before applying it is applied here).
-            gate = self._gatekeeper.credential_gate(
-                found.user_id, stored.cap_version, stored.max_concurrent
-            )
+            try:
+                gate = self._gatekeeper.credential_gate(
+                    found.user_id, stored.cap_version, stored.max_concurrent
+                )
+            except CredentialGone:
+                # Deleted after our read: its token is gone with it.
+                raise AuthenticationFailed("Invalid, unknown or revoked gateway token.") from None
             if self._gatekeeper.generation() == before:
                 # No change landed between our read and now: the row may be cached.
                 entry = ResolvedCredential(found.user_id, api_key, gate)

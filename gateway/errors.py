@@ -4,6 +4,7 @@
     ├── InvalidRequest                   400     invalid_request_error
     ├── AuthenticationFailed             401     authentication_error
     ├── NotFound                         404     not_found_error
+    ├── RequestTimeout                   408     invalid_request_error (a body too slow)
     ├── PayloadTooLarge                  413     request_too_large (Anthropic's own type)
     ├── UnsupportedMediaType             415     invalid_request_error
     ├── Overloaded                       429     overloaded_error (+ retry-after)
@@ -69,6 +70,12 @@ class AuthenticationFailed(GatewayError):
 class NotFound(GatewayError):
     status = 404
     kind = "not_found_error"
+    outcome = "invalid_request"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    kind = "invalid_request_error"  # Anthropic's type for any 4xx it has no own type for
     outcome = "invalid_request"
 
 

@@ -28,13 +28,19 @@ import httptools
 import httpx
 
 _HIGH_WATER: Final = 256 * 1024  # stop reading the socket while this much waits unread
-MAX_RESPONSE_HEAD: Final = 64 * 1024  # status line and headers (h11, under httpx: 16 KiB)
+# The status line and headers (h11, under httpx: 16 KiB); the same bound holds for what
+# comes after the head without a byte of body (chunk framing, trailer fields), since
+# httptools gathers a field in memory until it ends.
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 _TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _METHOD: Final = re.compile(_TOKEN)
 # Every header line a token, a colon and a value without CR, LF or NUL: checked over the
 # whole block at once, so nothing a client or a stored value holds can split the request.
 _HEADER_BLOCK: Final = re.compile(rb"(?:" + _TOKEN + rb": [^\r\n\0]*\r\n)*\r\n")
+# The request target as sent (``request.extensions["target"]``, else the URL's path and
+# query): visible ASCII, so nothing in it can end the request line early.
+_TARGET: Final = re.compile(rb"[!-~]+")
 
 Origin = tuple[bytes, str, int]
 
@@ -71,7 +77,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self.origin = origin
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
@@ -101,13 +107,15 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.idle or self._desynced:
+        parser = self._parser
+        if self.idle or self._desynced or parser is None:
             # Nothing was asked: whatever this is, the connection can no longer be trusted.
             self.close()
             return
         self._received = True
+        buffered = self._buffered
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError("upstream switched protocols unasked"))
             self.close()
@@ -117,13 +125,21 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP response from upstream: {exc}"))
             self.close()
             return
-        if not self._status:
-            # httptools buffers a header without limit: bound the head (bytes after a
-            # complete head arrive with status set and are the body's, under flow control).
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                self._fail(httpx.RemoteProtocolError("upstream response head is too large"))
-                self.close()
+        if self._buffered != buffered or self._complete:
+            self._head_bytes = 0  # body bytes came (flow control bounds those)
+            return
+        # httptools gathers a header or trailer field in memory until it ends, without a
+        # limit: bound the head, and what follows it without a byte of body, alike.
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            self._fail(
+                httpx.RemoteProtocolError(
+                    "upstream response head or trailer fields are too large"
+                    if self._status
+                    else "upstream response head is too large"
+                )
+            )
+            self.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -133,6 +149,16 @@ class _Connection(asyncio.Protocol):
         # First: a writer waiting to drain must not wait out its timeout for a connection
         # that is gone (an upstream that answers 413 early and resets mid-upload).
         self.resume_writing()
+        try:
+            self._ended(exc)
+        finally:
+            # The parser holds this protocol's bound methods (and the last error a callback
+            # raised): a cycle that only the cyclic GC would free, and with it the buffers of
+            # a cut stream. Nothing parses after the connection is gone.
+            self._parser = None
+            self.transport = None
+
+    def _ended(self, exc: Exception | None) -> None:
         if self._complete:
             return
         if self._status and self._eof_body and exc is None:
@@ -167,23 +193,27 @@ class _Connection(asyncio.Protocol):
             raise _Desynced
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._status:
+            # Fields after the head are trailers: dropped, so they can neither grow the
+            # headers nor, arriving in the head's read, pass for response headers.
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        parser = self._parser
+        assert parser is not None  # called from inside feed_data
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            # Status 000 would read as "no status yet" and merge two responses into one.
+            self._fail(
+                httpx.RemoteProtocolError(f"upstream answered with status {status:03d}")
+            )
+            raise _Refused
+        if status < 200:
             self._headers = []  # an interim response (103 Early Hints): wait for the real one
             return
         self._status = status
         self.resume_writing()  # an early answer (413 mid-upload): stop waiting to write
-        chunked = length = False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = True
-            elif lower == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-        self._eof_body = not (chunked or length) and status not in (204, 304)
+        self._eof_body = body_ends_with_connection(status, self._headers)
         if self._head_only:
             # httptools cannot be told the request was HEAD: it would wait for a body that
             # never comes. The response ends here and the connection is not reused.
@@ -203,7 +233,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if not self._status:
             return  # the end of an interim response
-        if not self._head_only:
+        if not self._head_only and self._parser is not None:
             self.keep_alive = self._parser.should_keep_alive()
         self._complete = True
         self._wake()
@@ -220,13 +250,13 @@ class _Connection(asyncio.Protocol):
             self._error = error
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+            waiter.set_exception(_fresh(error))
 
     async def _wait(self, read_timeout: float | None) -> None:
         # A timer on a future rather than asyncio.timeout(): this runs once per chunk of
         # every stream, and a bare TimerHandle is the cheapest timeout asyncio has.
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
         waiter = self._waiter = self._loop.create_future()
         timer = (
             None
@@ -239,6 +269,9 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            # A failed future holds its exception, whose traceback holds this frame: a
+            # cycle (through ``self``, the connection) unless the frame lets go of it.
+            del waiter
 
     async def send(
         self, head: bytes, body: bytes, *, head_only: bool, write_timeout: float | None
@@ -318,6 +351,40 @@ class _Desynced(Exception):
     """Raised inside a parser callback to stop httptools at a second response."""
 
 
+class _Refused(Exception):
+    """Raised inside a parser callback to stop httptools at a response it must not take."""
+
+
+def _fresh(error: httpx.TransportError) -> httpx.TransportError:
+    """A new exception like ``error`` for each raise: the stored one would collect the
+    traceback of every frame it passes through, and those frames hold the connection."""
+    return type(error)(str(error))
+
+
+def body_ends_with_connection(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response body is delimited by the end of the connection.
+
+    httptools does not expose llhttp's framing flags, so this is llhttp's rule (RFC 9112
+    section 6.3) read from the same headers: chunked only when ``chunked`` is the last
+    transfer coding of all ``transfer-encoding`` fields (``xchunked`` or ``chunked, gzip``
+    is read to the end of the connection), else a content-length, else the connection's
+    end. llhttp refuses a response with both. The tests hold this to the parser.
+    """
+    if status in (204, 304):
+        return False
+    codings: bytes | None = None
+    length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            codings = value if codings is None else codings + b"," + value
+        elif lower == b"content-length":
+            length = True
+    if codings is not None:
+        return codings.rpartition(b",")[2].strip(b" \t").lower() != b"chunked"
+    return not length
+
+
 def _expire(waiter: asyncio.Future[None], message: str) -> None:
     if not waiter.done():
         waiter.set_exception(httpx.ReadTimeout(message))
@@ -378,7 +445,10 @@ class H1Transport(httpx.AsyncBaseTransport):
         origin: Origin = (scheme, url.raw_host.decode("ascii"), url.port or _default_port(scheme))
         timeout = request.extensions.get("timeout", {})
         method = request.method.encode("ascii")
-        head = _request_head(method, url.raw_path, request.headers.raw)
+        # The gateway passes the client's path and query as they came: httpx.URL would
+        # have normalised them (``/v1/./x`` to ``/v1/x``).
+        target = request.extensions.get("target", url.raw_path)
+        head = _request_head(method, target, request.headers.raw)
         body = (
             request.content
             if isinstance(request.stream, httpx.ByteStream)
@@ -493,6 +563,8 @@ def _default_port(scheme: bytes) -> int:
 def _request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     if not _METHOD.fullmatch(method):
         raise httpx.LocalProtocolError(f"illegal request method {method!r}")
+    if not _TARGET.fullmatch(target):
+        raise httpx.LocalProtocolError("illegal byte in the request target")
     lines: list[bytes] = []
     for name, value in headers:
         lines += (name, b": ", value, b"\r\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -35,14 +36,26 @@ RESPONSE_ALLOW: Final = frozenset(
 )
 
 
-def upstream_request_headers(client_headers: RawHeaders, *, api_key: str) -> list[tuple[str, str]]:
-    """The allow-listed client headers plus the user's own Anthropic key."""
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in client_headers
-        if name.lower() in REQUEST_ALLOW
-    ]
-    out.append(("x-api-key", api_key))
+# An Anthropic key goes out as a header value: visible ASCII only, so that no transport
+# refuses it and none can be made to write a second header line with it.
+_SENDABLE_KEY: Final = re.compile(r"[!-~]+")
+
+
+def is_sendable_key(key: str) -> bool:
+    """Whether ``key`` is visible ASCII (0x21..0x7E), all a key ever holds."""
+    return _SENDABLE_KEY.fullmatch(key) is not None
+
+
+def upstream_request_headers(
+    client_headers: RawHeaders, *, api_key: str
+) -> list[tuple[bytes, bytes]]:
+    """The allow-listed client headers, as raw as they came, plus the user's own key.
+
+    Raw bytes: a value outside ASCII (``User-Agent: \u2713 client`` in UTF-8) goes upstream
+    unchanged instead of failing to encode.
+    """
+    out = [(name, value) for name, value in client_headers if name.lower() in REQUEST_ALLOW]
+    out.append((b"x-api-key", api_key.encode()))
     return out
 
 

@@ -81,6 +81,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         GATEWAY_HOST=settings.host,
         GATEWAY_PORT=str(settings.port),
         GATEWAY_UPSTREAM_URL=settings.upstream_url,
+        GATEWAY_QUEUE_TIMEOUT=str(settings.queue_timeout),
     )
     # Granian's Rust side allocates with its own (prefixed) jemalloc, which by default
     # keeps freed pages for 10 s: a worker's resident memory then climbs with every wave
@@ -182,7 +183,11 @@ class Launcher:
         ):
             if self.metrics_folder is not None:
                 self.metrics_folder.prepare()
-            reaper = Reaper(settings.ipc_namespace, on_reaped=self._reaped)
+            reaper = Reaper(
+                settings.ipc_namespace,
+                audit_interval=settings.cap_audit_interval,
+                on_reaped=self._reaped,
+            )
             reaper.start()
             cap_sync = CapSync(settings.ipc_namespace, settings.database_url)
             cap_sync.start()

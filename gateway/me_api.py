@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
@@ -20,7 +20,7 @@ from gateway.errors import (
     StorageUnavailableError,
     UnsupportedMediaType,
 )
-from gateway.headers import gateway_token
+from gateway.headers import gateway_token, is_sendable_key
 from gateway.resources import WorkerResources
 from storage import repository
 from storage.errors import StorageError, StorageUnavailable
@@ -39,6 +39,15 @@ class KeyStatusBody(msgspec.Struct):
     configured: bool
     configured_at: datetime | None
     max_concurrent: int | None
+    in_use: Annotated[
+        int | None,
+        msgspec.Meta(
+            description=(
+                "Requests in flight on this key now, across every worker (its live permit "
+                "count); null when no key is stored"
+            ),
+        ),
+    ]
 
 
 class KeyUpdate(msgspec.Struct, frozen=True):
@@ -77,6 +86,13 @@ def parse_key_update(raw: bytes) -> KeyUpdate:
             raise InvalidRequest(f"key: must be at most {MAX_KEY_LENGTH} characters")
         if not key.startswith(KEY_PREFIX):
             raise InvalidRequest(f"key: must start with {KEY_PREFIX!r}")
+        if not is_sendable_key(key):
+            # It goes out as a header value: anything else could never be sent, or would
+            # write a header of its own.
+            raise InvalidRequest(
+                "key: must hold only visible ASCII characters (no spaces, control "
+                "characters or non-ASCII letters)"
+            )
     return KeyUpdate(key=key, max_concurrent=cap)
 
 
@@ -121,7 +137,7 @@ class _KeyUpdateOperation(Operation):
                             "key": Schema(
                                 type=OpenAPIType.STRING,
                                 max_length=MAX_KEY_LENGTH,
-                                pattern="^sk-ant-",
+                                pattern="^sk-ant-[!-~]*$",
                                 description="The user's Anthropic API key (write-only)",
                             ),
                             "max_concurrent": Schema(
@@ -144,24 +160,28 @@ class AnthropicKeyController(Controller):
     tags = ["settings"]
     security = [{"gatewayToken": []}]
 
-    @get(summary="Whether an Anthropic key is stored, and its concurrency cap")
+    @get(summary="Whether an Anthropic key is stored, its concurrency cap and the cap in use now")
     async def status(self, request: Request[Any, Any, State]) -> KeyStatusBody:
         user_id = await authenticated_user(request)
+        resources: WorkerResources = request.app.state.resources
         try:
             stored = await repository.key_status(user_id)
+            in_use = resources.credential_in_use(user_id) if stored.configured else None
         except StorageError as exc:
             raise _storage_down(exc) from exc
         return KeyStatusBody(
             configured=stored.configured,
             configured_at=stored.configured_at,
             max_concurrent=stored.max_concurrent,
+            in_use=in_use,
         )
 
     @put(
         status_code=HTTP_204_NO_CONTENT,
         summary="Store or rotate the Anthropic key, and/or change the concurrency cap",
         description=(
-            "`key` (starts with sk-ant-, at most 256 characters) and `max_concurrent` "
+            "`key` (starts with sk-ant-, visible ASCII only, at most 256 characters) and "
+            "`max_concurrent` "
             "(1..256, default 8 for a new key) are both optional, but not both absent. "
             "Rotating the key without a cap keeps the stored cap. A cap alone needs a "
             "stored key. The new cap applies to the next request in every worker."

@@ -1,4 +1,5 @@
-"""The upstream URL of a proxied request: raw path and query kept verbatim, traversal refused."""
+"""The upstream request target of a proxied request: raw path and query kept verbatim,
+traversal refused."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def has_traversal(raw_path: bytes) -> bool:
     return any(segment == ".." for segment in decoded.split("/"))
 
 
-def upstream_url(base: str, raw_path: bytes, query_string: bytes) -> str:
-    """``base`` + the client's path exactly as sent (not percent-decoded) + its query."""
+def upstream_target(raw_path: bytes, query_string: bytes) -> bytes:
+    """The client's path exactly as sent (not percent-decoded, ``.`` segments and empty
+    ones kept) and its query: the request target the upstream receives."""
     if has_traversal(raw_path):
         raise InvalidRequest("path traversal ('..' segment) is not allowed in the request path")
-    path = raw_path.decode("latin-1")
-    if query_string:
-        return f"{base}{path}?{query_string.decode('latin-1')}"
-    return f"{base}{path}"
+    target = raw_path + b"?" + query_string if query_string else raw_path
+    if not target.isascii():
+        # The server passes such bytes on raw; sent on, they would be rewritten or refused
+        # depending on the transport. Refused here, the same for every transport.
+        raise InvalidRequest(
+            "the request path and query must be ASCII: percent-encode any other byte"
+        )
+    return target

@@ -20,21 +20,29 @@ from gateway.credentials import CredentialCache
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
-    InvalidRequest,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServerFault,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
 )
-from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
+from gateway.headers import (
+    client_response_headers,
+    gateway_token,
+    is_sendable_key,
+    upstream_request_headers,
+)
 from gateway.metrics.catalog import CLIENT_CLOSED_STATUS
 from gateway.metrics.tally import RequestTally
-from gateway.paths import upstream_url
+from gateway.paths import upstream_target
+from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
-from ipc.errors import LedgerFull
+from ipc.caps import CredentialGate
+from ipc.errors import CredentialGone, LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
+from ipc.queue import Queue
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,6 +58,9 @@ GLOBAL_CAP_MESSAGE: Final = "Server is at capacity. Retry shortly."
 CREDENTIAL_CAP_MESSAGE: Final = (
     "Too many concurrent requests against this credential (cap: {cap}). Retry shortly."
 )
+# An SSE relay holds at most this much of an event while it waits for the event's end;
+# past it the bytes go out as they are (an upstream that never ends an event).
+MAX_HELD_EVENT: Final = 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -62,6 +73,7 @@ class ProxyRuntime:
     credentials: CredentialCache
     gatekeeper: Gatekeeper
     upstream: Upstream
+    queue: Queue | None  # the waiting lines, when GATEWAY_QUEUE_TIMEOUT is set
     metrics: RequestTally | None = None  # None: the launcher's metrics endpoint is off
 
 
@@ -70,16 +82,18 @@ class Proxy:
         self,
         runtime: ProxyRuntime,
         *,
-        upstream_base: str,
         max_body: int,
         retry_after: int,
         read_timeout: float,
+        body_timeout: float,
+        queue_timeout: float = 0.0,
     ) -> None:
         self.runtime = runtime
-        self.upstream_base = upstream_base
         self.max_body = max_body
         self.retry_after = str(retry_after)
         self.read_timeout = read_timeout
+        self.body_timeout = body_timeout
+        self.queue_timeout = queue_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -88,8 +102,9 @@ class Proxy:
         path = raw_path.decode("latin-1")
         headers = scope["headers"]
         user_id = None
+        waited = 0.0
         try:
-            url = upstream_url(self.upstream_base, raw_path, scope.get("query_string", b""))
+            target = upstream_target(raw_path, scope.get("query_string", b""))
             token = gateway_token(headers)
             if token is None:
                 raise AuthenticationFailed(
@@ -97,19 +112,25 @@ class Proxy:
                 )
             credential = await self.runtime.credentials.resolve(token)
             user_id = credential.user_id
-            body = await self._read_body(receive, headers)
+            self._refuse_declared_too_large(headers)
+            # Admitted before the body is read: an upload in progress holds its permits, so
+            # the caps bound uploads too (a cap-1 user cannot have four open at once).
+            queue = self.runtime.queue
+            reading: asyncio.Task[bytes] | None = None
             try:
-                # Built before admission: nothing between the admit and the relay can raise.
-                request = self.runtime.upstream.request(
-                    method,
-                    url,
-                    headers=upstream_request_headers(headers, api_key=credential.api_key),
-                    body=body,
-                )
-            except httpx.InvalidURL as exc:
-                raise InvalidRequest(f"The request path is not a valid URL path: {exc}") from None
-            try:
-                admitted = self.runtime.gatekeeper.admit(credential.gate)
+                if queue is None:
+                    admitted = self.runtime.gatekeeper.admit(credential.gate)
+                else:
+                    admitted = self.runtime.gatekeeper.admit_unless_queued(credential.gate, queue)
+                    if isinstance(admitted, Rejected):
+                        admitted, reading, waited = await self._wait_in_line(
+                            credential.gate, queue, receive
+                        )
+            except CredentialGone:
+                # Its user was deleted while this request was on its way.
+                raise AuthenticationFailed(
+                    "Invalid, unknown or revoked gateway token."
+                ) from None
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
                 if self.runtime.metrics is not None:
@@ -119,14 +140,28 @@ class Proxy:
                 ) from None
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
+            admitted_at = time.perf_counter()
+            try:
+                body = await (reading if reading is not None else self._read_body(receive))
+                request = self.runtime.upstream.request(
+                    method,
+                    target,
+                    headers=upstream_request_headers(headers, api_key=credential.api_key),
+                    body=body,
+                )
+            except BaseException:
+                # Every way out between the admit and the relay gives the permits back
+                # (a deadline, a client gone, a body too large, a cancel).
+                admitted.release()
+                raise
         except ClientGone:
             self._answered("client_disconnected", CLIENT_CLOSED_STATUS)
-            _access(method, path, user_id, 0, started, 0, "client_disconnected")
+            _access(method, path, user_id, 0, started, 0, "client_disconnected", waited)
             return
         except GatewayError as err:
             await _send_error(send, err)
             self._answered(err.outcome, err.status)
-            _access(method, path, user_id, err.status, started, 0, err.outcome)
+            _access(method, path, user_id, err.status, started, 0, err.outcome, waited)
             return
         except Exception:
             # Logged with its trace here; the client gets no trace, key or token.
@@ -145,29 +180,79 @@ class Proxy:
             path=path,
             user_id=str(user_id),
             started=started,
+            waited=waited,
+            admitted_at=admitted_at,
         )
         # An agent's request body is its whole context (often hundreds of KiB); held here
         # it would live as long as the stream. The relay drops it once it is sent.
         del request, body
         await relay
 
-    async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
+    async def _wait_in_line(
+        self, gate: CredentialGate, queue: Queue, receive: Receive
+    ) -> tuple[Permit | Rejected, asyncio.Task[bytes] | None, float]:
+        """Wait for a slot (``GATEWAY_QUEUE_TIMEOUT``) while the body arrives, and leave the
+        line at once if the client goes. Returns the admission, the body still being read
+        (the caller awaits it, holding the permit) and the seconds waited."""
+        started = time.perf_counter()
+        waiting = asyncio.create_task(
+            self.runtime.gatekeeper.admit_waiting(gate, queue, within=self.queue_timeout)
+        )
+        reading: asyncio.Task[bytes] = asyncio.create_task(self._read_body(receive))
+        watching: asyncio.Future[Message] | None = None
+        try:
+            await asyncio.wait((waiting, reading), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                reading.result()  # the body failed (client gone, too large, late): it raises
+                # The whole body is in: go on waiting, watching for the client to leave.
+                watching = asyncio.ensure_future(receive())
+                await asyncio.wait((waiting, watching), return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    raise ClientGone
+            admitted = waiting.result()
+        except BaseException:
+            _abandon(waiting)
+            reading.cancel()
+            raise
+        finally:
+            if watching is not None:
+                watching.cancel()
+        if isinstance(admitted, Rejected):
+            reading.cancel()
+            return admitted, None, admitted.waited or 0.0
+        return admitted, reading, time.perf_counter() - started
+
+    def _refuse_declared_too_large(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """A declared length above the limit is refused before admission and before a
+        byte of the body is read."""
         for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise self._too_large()
-        chunks = []
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole request body, within ``body_timeout`` seconds of the first byte asked."""
+        chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise self._too_large()
+                    if not message.get("more_body", False):
+                        return chunk if not chunks else b"".join((*chunks, chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            # The body is not read to its end, so the connection cannot carry another
+            # request: say so, and the server closes it after the answer.
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout:g} s.",
+                headers={"connection": "close"},
+            ) from None
 
     def _answered(self, outcome: str, status: int) -> None:
         if self.runtime.metrics is not None:
@@ -191,6 +276,8 @@ class Proxy:
             if rejected.scope == "global"
             else CREDENTIAL_CAP_MESSAGE.format(cap=rejected.cap)
         )
+        if rejected.waited is not None:
+            message += f" (waited {rejected.waited:.1f} s)"
         return Overloaded(message, headers=self._retry_headers(rejected.scope))
 
     def _retry_headers(self, scope: str) -> dict[str, str]:
@@ -211,6 +298,8 @@ class Proxy:
         path: str,
         user_id: str,
         started: float,
+        waited: float,
+        admitted_at: float,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -236,30 +325,34 @@ class Proxy:
         try:
             try:
                 response = await self.runtime.upstream.send(request)
-                headers_at = time.perf_counter()
-                del request  # sent: the body is not kept for the life of the stream
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(
                     f"The upstream did not answer within {self.read_timeout:g} s."
                 ) from exc
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+                raise _unsendable(request, exc) from exc
             except httpx.HTTPError as exc:
                 raise UpstreamUnavailable(
                     f"The upstream is unreachable ({type(exc).__name__})."
                 ) from exc
+            headers_at = time.perf_counter()
+            del request  # sent: the body is not kept for the life of the stream
             status = response.status_code
             headers = client_response_headers(response.headers.raw)
-            sse = response.headers.get("content-type", "").startswith("text/event-stream")
-            length = None if sse else _declared_length(response, method)
-            if length is not None:
-                headers.append((b"content-length", b"%d" % length))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            # Sent with the first byte of the body, not before: an upstream that fails
+            # before one gets the client an Anthropic error, not a bare 500 of the server's.
+            start = {"type": "http.response.start", "status": status, "headers": headers}
             # Each relay ends the response itself and gives the slot back just before the
             # client can see that end, so a client that sends its next request the moment
             # this one ends is never refused by its own finished stream.
+            sse = _relayed_as_events(headers)
             if sse:
-                outcome = await _relay_sse(response, send, tally, permit)
+                outcome = await _relay_sse(response, send, tally, permit, start)
             else:
-                outcome = await _relay_raw(response, send, tally, permit, length)
+                length = _declared_length(response, method)
+                if length is not None:
+                    headers.append((b"content-length", b"%d" % length))
+                outcome = await _relay_raw(response, send, tally, permit, start, length)
         except GatewayError as err:
             status, outcome = err.status, err.outcome
             permit.release()
@@ -286,6 +379,7 @@ class Proxy:
                     # unforeseen escaped, which the server answers with a 500.
                     status or (CLIENT_CLOSED_STATUS if outcome == "client_disconnected" else 500),
                     streamed=sse,
+                    admitted_at=admitted_at,
                     sent_at=sent_at,
                     headers_at=headers_at,
                     ended=time.perf_counter(),
@@ -293,7 +387,18 @@ class Proxy:
             if response is not None:
                 # Shielded: a second cancel must not leave the upstream connection open.
                 await asyncio.shield(response.aclose())
-            _access(method, path, user_id, status, started, tally.sent, outcome)
+            _access(method, path, user_id, status, started, tally.sent, outcome, waited)
+
+
+def _abandon(waiting: asyncio.Task[Permit | Rejected]) -> None:
+    """Stop waiting: the line is left and anything taken given back, also when the
+    permit arrived just as the client left."""
+    if not waiting.done():
+        waiting.cancel()  # admit_waiting leaves the line and gives back what it took
+    elif not waiting.cancelled() and waiting.exception() is None:
+        result = waiting.result()
+        if isinstance(result, Permit):
+            result.release()
 
 
 class _Tally:
@@ -323,50 +428,133 @@ def _declared_length(response: httpx.Response, method: str) -> int | None:
     return int(value)
 
 
+def _relayed_as_events(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An SSE body is relayed event by event. With a content-encoding it is not: no event
+    boundary can be seen in compressed bytes, so they go out untouched as they come."""
+    sse = False
+    for name, value in headers:
+        if name == b"content-type":
+            sse = value[:17].lower() == b"text/event-stream"
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return False
+    return sse
+
+
+def _unsendable(request: httpx.Request, exc: httpx.HTTPError) -> GatewayError:
+    """A request the transport refused to write: the gateway's own failure, never the
+    upstream's (nothing was sent). The message names no value: the key may be the cause."""
+    log.error("the upstream request could not be written: %s", type(exc).__name__)
+    key = request.headers.get("x-api-key", "")
+    if not is_sendable_key(key):
+        return ServerFault(
+            "The stored Anthropic key holds characters that cannot be sent in an HTTP "
+            "header (only visible ASCII is allowed); store the key again with "
+            "PUT /api/v1/me/anthropic-key."
+        )
+    return ServerFault(
+        "The gateway could not write this request as valid HTTP/1.1; nothing was sent "
+        f"upstream ({type(exc).__name__})."
+    )
+
+
+def _failed_before_body(exc: httpx.HTTPError) -> GatewayError:
+    """The upstream's body broke off before a byte of it reached the client."""
+    log.warning("upstream body failed before its first byte: %s", type(exc).__name__)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"The upstream stopped sending its response ({type(exc).__name__}).")
+    return UpstreamUnavailable(
+        f"The upstream's response broke off before its body ({type(exc).__name__})."
+    )
+
+
 async def _end(send: Send, permit: Permit, last: bytes = b"") -> None:
     permit.release()
     await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 async def _relay_raw(
-    response: httpx.Response, send: Send, tally: _Tally, permit: Permit, length: int | None
+    response: httpx.Response,
+    send: Send,
+    tally: _Tally,
+    permit: Permit,
+    start: Message | None,
+    length: int | None,
 ) -> str:
     try:
         async for chunk in _body(response):
             tally.sent += len(chunk)
+            if start is not None:
+                await send(start)
+                start = None
             if tally.sent == length:
                 await _end(send, permit, chunk)  # the declared body is whole: end with it
                 return "ok"
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.HTTPError as exc:
+        if start is not None:
+            raise _failed_before_body(exc) from exc
         # No end is sent: the server then closes the connection, and the client knows the
         # body is incomplete (a clean end would pass a truncated body off as whole).
         log.warning("upstream body failed after %d bytes: %s", tally.sent, type(exc).__name__)
         return _failure_outcome(exc)
+    if start is not None:
+        await send(start)
     await _end(send, permit)
     return "ok"
 
 
-async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally, permit: Permit) -> str:
-    """Relay events as they arrive; on an upstream failure end with an ``event: error``.
+async def _relay_sse(
+    response: httpx.Response, send: Send, tally: _Tally, permit: Permit, start: Message | None
+) -> str:
+    """Relay whole events as they arrive; on an upstream failure end with ``event: error``.
 
-    Bytes go out unchanged and in order; only a trailing partial event of a chunk waits
-    for the rest of it, so that a failure mid-event can end the stream on an event
-    boundary with a well-formed error event instead of a truncated one.
+    Bytes go out unchanged and in order, cut after the last blank line of each chunk (in
+    any line ending SSE allows). Only the start of an event still arriving waits, so that
+    a failure can end the stream on an event boundary with a well-formed error event; it
+    waits for at most ``MAX_HELD_EVENT`` bytes, past which they go as they are and a later
+    failure ends the body short instead (no frame can be well-formed inside an event).
     """
-    pending = b""
+    held: list[bytes] = []  # the event still arriving, in the chunks it came in
+    held_size = 0
+    before = b""  # the last bytes seen: a blank line can straddle two chunks
+    whole = True  # what went out so far ends on an event boundary
     try:
         async for chunk in _body(response):
-            data = pending + chunk if pending else chunk
-            cut = data.rfind(b"\n\n") + 2
-            if cut == 1:  # no complete event yet
-                pending = data
-                continue
-            pending = data[cut:]
-            tally.sent += cut
-            await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+            size = len(chunk)
+            cut = event_end(chunk, before)
+            before = tail(before, chunk)
+            if cut:
+                done = chunk if cut == size else chunk[:cut]
+                if held:
+                    held.append(done)
+                    done = b"".join(held)
+                    held.clear()
+                if cut < size:
+                    held.append(chunk[cut:])
+                held_size = size - cut
+                whole = True
+            elif not whole:
+                done = chunk  # inside an event too long to hold: nothing to wait for
+            else:
+                held.append(chunk)
+                held_size += size
+                if held_size <= MAX_HELD_EVENT:
+                    continue
+                done = b"".join(held)
+                held.clear()
+                held_size = 0
+                whole = False
+            tally.sent += len(done)
+            if start is not None:
+                await send(start)
+                start = None
+            await send({"type": "http.response.body", "body": done, "more_body": True})
     except httpx.HTTPError as exc:
+        if start is not None:
+            raise _failed_before_body(exc) from exc
         log.warning("upstream stream failed after %d bytes: %s", tally.sent, type(exc).__name__)
+        if not whole:
+            return _failure_outcome(exc)  # no end: the client sees the body cut short
         frame = (
             b"event: error\ndata: "
             + error_body(
@@ -377,9 +565,11 @@ async def _relay_sse(response: httpx.Response, send: Send, tally: _Tally, permit
         await send({"type": "http.response.body", "body": frame, "more_body": True})
         await _end(send, permit)
         return _failure_outcome(exc)
-    if pending:
-        tally.sent += len(pending)
-    await _end(send, permit, pending)
+    rest = b"".join(held)
+    tally.sent += len(rest)
+    if start is not None:
+        await send(start)
+    await _end(send, permit, rest)
     return "ok"
 
 
@@ -402,17 +592,18 @@ def _access(
     started: float,
     sent: int,
     outcome: str,
+    waited: float = 0.0,
 ) -> None:
     if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "proxied",
-            extra={
-                "user_id": None if user_id is None else str(user_id),
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "bytes": sent,
-                "outcome": outcome,
-            },
-        )
+        extra = {
+            "user_id": None if user_id is None else str(user_id),
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "bytes": sent,
+            "outcome": outcome,
+        }
+        if waited:
+            extra["waited_ms"] = round(waited * 1000, 2)
+        access_log.info("proxied", extra=extra)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 
 from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
@@ -12,9 +14,11 @@ from gateway.metrics.tally import WorkerMetrics
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
-from ipc.caps import apply_cap
+from ipc.caps import apply_cap, read_state
+from ipc.errors import CredentialGone
 from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
+from ipc.queue import Queue
 from storage.crypto import MasterKey, load_or_create_master_key_file
 from storage.engine import bind_engine, close_engine, create_engine, open_engine
 from storage.errors import MasterKeyError
@@ -67,6 +71,15 @@ class WorkerResources(ProxyRuntime):
             self.ledger.close()
             raise
         self.credentials = CredentialCache(self.gatekeeper, self.master_key)
+        self.queue = (
+            Queue(
+                settings.ipc_namespace,
+                self.ledger,
+                max_waiters=settings.queue_max_waiters,
+            )
+            if settings.queue_timeout > 0
+            else None
+        )
         self.upstream = Upstream(settings)
         self._trimmer = asyncio.get_running_loop().create_task(
             HeapTrimmer(settings.heap_trim_interval).run()
@@ -81,6 +94,8 @@ class WorkerResources(ProxyRuntime):
         if self.worker_metrics is not None:
             await self.worker_metrics.stop()
         await self.upstream.aclose()
+        if self.queue is not None:
+            self.queue.close()
         self.gatekeeper.close()
         self.ledger.close()
         await close_engine(self.engine)
@@ -97,10 +112,18 @@ class WorkerResources(ProxyRuntime):
         from the moment its PUT returns; a later change applied first wins (by version).
         """
         if change.current is not None:
-            apply_cap(
-                self.settings.ipc_namespace,
-                change.user_id,
-                version=change.current.cap_version,
-                cap=change.current.max_concurrent,
-            )
+            with contextlib.suppress(CredentialGone):  # its user was deleted meanwhile
+                apply_cap(
+                    self.settings.ipc_namespace,
+                    change.user_id,
+                    version=change.current.cap_version,
+                    cap=change.current.max_concurrent,
+                )
         self.gatekeeper.bump_generation()
+
+    def credential_in_use(self, user_id: uuid.UUID) -> int:
+        """Requests in flight on the user's credential across all workers (0 before any
+        request opened its gate): read from the gate itself, so requests admitted under an
+        earlier cap count too."""
+        state = read_state(self.settings.ipc_namespace, user_id)
+        return 0 if state is None else state.in_use

@@ -50,6 +50,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_seconds: int = 1
     log_level: str = "INFO"
     heap_trim_interval: float = 1.0  # 0: never trim
+    cap_audit_interval: float = 2.0  # 0: no drift audit
+    request_body_timeout: float = 30.0
+    queue_timeout: float = 0.0  # 0: over a cap is an instant 429 (no waiting line)
+    queue_max_waiters: int = 64
     # The launcher's Prometheus endpoint; port 0 turns metrics off (workers count nothing).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
@@ -135,6 +139,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
             heap_trim_interval=_float(
                 env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
+            ),
+            cap_audit_interval=_float(
+                env.get("GATEWAY_CAP_AUDIT_INTERVAL"), "GATEWAY_CAP_AUDIT_INTERVAL", 2.0, zero=True
+            ),
+            request_body_timeout=_float(
+                env.get("GATEWAY_REQUEST_BODY_TIMEOUT"), "GATEWAY_REQUEST_BODY_TIMEOUT", 30.0
+            ),
+            queue_timeout=_float(
+                str(overrides["queue_timeout"])
+                if overrides.get("queue_timeout") is not None
+                else env.get("GATEWAY_QUEUE_TIMEOUT"),
+                "GATEWAY_QUEUE_TIMEOUT",
+                0.0,
+                zero=True,
+            ),
+            queue_max_waiters=_int(
+                env.get("GATEWAY_QUEUE_MAX_WAITERS"), "GATEWAY_QUEUE_MAX_WAITERS", 64, lo=1
             ),
             metrics_host=str(
                 overrides.get("metrics_host") or env.get("GATEWAY_METRICS_HOST") or "127.0.0.1"

@@ -9,6 +9,12 @@ Three transports, chosen by ``GATEWAY_UPSTREAM_TRANSPORT``: ``h1`` (the default,
 HTTP/1.1 transport), ``aiohttp`` (httpx's API over aiohttp's client) and ``httpx``
 (httpx's own). ``python -m loadtests.benchmark --only json --transport h1 --transport aiohttp``
 measures them side by side.
+
+The request target (the client's path and query) rides in the request's ``target``
+extension, exactly as the client sent it, and every transport sends it as it is: the h1
+and aiohttp transports read it themselves, httpx's passes it to httpcore, which honours the
+same extension. ``httpx.URL`` would normalise it (``/v1/./x`` to ``/v1/x``), so the URL of
+every request is only the upstream base, parsed once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from gateway.h1_transport import H1Transport
 from gateway.settings import Settings
 
 KEEPALIVE_EXPIRY = 30.0
-URL_CACHE_SIZE = 512
 
 
 def build_transport(kind: str) -> httpx.AsyncBaseTransport:
@@ -61,21 +66,20 @@ class Upstream:
             pool=settings.upstream_connect_timeout,
         ).as_dict()
         self.transport = build_transport(settings.upstream_transport)
-        # Agents call a handful of paths; parsing one into an httpx.URL is about half the
-        # cost of building the request. Bounded: cleared when full, never stale (a URL
-        # is a pure function of its text).
-        self._urls: dict[str, httpx.URL] = {}
+        self.base = httpx.URL(settings.upstream_url)
+        # A base URL with a path (a relay at https://relay/anthropic) prefixes every target.
+        self._prefix = self.base.raw_path.partition(b"?")[0].rstrip(b"/")
 
     def request(
-        self, method: str, url: str, *, headers: list[tuple[str, str]], body: bytes
+        self, method: str, target: bytes, *, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> httpx.Request:
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) >= URL_CACHE_SIZE:
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
+        """``target``: the path and query as the client sent them, sent on unchanged."""
         return httpx.Request(
-            method, parsed, headers=headers, content=body, extensions={"timeout": self._timeout}
+            method,
+            self.base,
+            headers=headers,
+            content=body,
+            extensions={"timeout": self._timeout, "target": self._prefix + target},
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:

@@ -33,6 +33,7 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Final
@@ -40,6 +41,7 @@ from typing import Final
 import msgspec
 import posix_ipc
 
+from ipc.errors import CredentialGone
 from ipc.naming import (
     SHM_DIR,
     cap_record_name,
@@ -49,6 +51,9 @@ from ipc.naming import (
 )
 
 _MAGIC: Final = b"GWCAP001"
+# A deleted user's record: nobody opens the gate again (holders still release onto it);
+# the launcher removes all three objects once no ledger holds a permit of it.
+_DELETED: Final = b"GWCAPDEL"
 _RECORD: Final = struct.Struct("<8sqqq")  # magic, version, target, applied
 _APPLIED_AT: Final = struct.calcsize("<8sqq")
 _APPLIED: Final = struct.Struct("<q")
@@ -124,6 +129,23 @@ class CredentialGate:
                 return True  # another process paid the debt first: the permit is ours
             # The permit paid one unit of a lowered cap's debt; try for another.
 
+    def acquire_within(self, timeout: float) -> bool:
+        """Blocking, for a waiting room's helper thread (the GIL is released while it
+        waits): a permit within ``timeout`` seconds, paying any debt first."""
+        sem, debt = self._sem, self._debt
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sem.acquire(max(0.0, deadline - time.monotonic()))
+            except posix_ipc.BusyError:
+                return False
+            if not debt.value:
+                return True
+            try:
+                debt.acquire(0)
+            except posix_ipc.BusyError:
+                return True
+
     def release(self) -> None:
         self._sem.release()
 
@@ -135,6 +157,10 @@ class CredentialGate:
     @property
     def free(self) -> int:
         return int(self._sem.value)
+
+    @property
+    def deleted(self) -> bool:
+        return bool(_RECORD.unpack_from(self._record)[0] == _DELETED)
 
     def state(self) -> CapState:
         return _state(self.user_id, self._record, self._sem, self._debt)
@@ -169,10 +195,17 @@ def open_credential_gate(
     return CredentialGate(namespace, user_id, sem, debt, view, applied_version)
 
 
-def apply_cap(namespace: str, user_id: uuid.UUID, *, version: int, cap: int) -> None:
+def apply_cap(
+    namespace: str, user_id: uuid.UUID, *, version: int, cap: int, create: bool = True
+) -> None:
     """Apply a committed cap change from any process (a worker, the command line, the
-    launcher); a no-op when a later version is applied already."""
-    with _locked_record(namespace, user_id) as record:
+    launcher); a no-op when a later version is applied already. With ``create=False``
+    (the command line, the launcher) a gate no request has opened yet is left to the
+    first worker that opens it, from the stored row: its objects belong to the workers'
+    user."""
+    with _locked_existing(namespace, user_id, create=create) as record:
+        if record is None or (not create and _RECORD.unpack_from(record)[0] != _MAGIC):
+            return
         sem, debt = _open_semaphores(namespace, user_id, record, cap)
         try:
             _apply(record, sem, debt, version, cap)
@@ -226,6 +259,84 @@ def read_state(namespace: str, user_id: uuid.UUID) -> CapState | None:
         view.close()
 
 
+def repair_credential(namespace: str, user_id: uuid.UUID, version: int, drift: int) -> bool:
+    """Give back ``drift`` lost permits (or take back ``-drift`` extra ones, owing what is
+    handed out already), unless the gate was resized since ``version`` was read: False
+    then, and nothing is done."""
+    with _locked_existing(namespace, user_id) as record:
+        if record is None:
+            return False
+        magic, current, target, applied = _RECORD.unpack_from(record)
+        if magic != _MAGIC or current != version or target != applied:
+            return False
+        sem, debt = _open_semaphores(namespace, user_id, record, target)
+        try:
+            for _ in range(drift):
+                try:
+                    debt.acquire(0)
+                except posix_ipc.BusyError:
+                    sem.release()
+            for _ in range(-drift):
+                try:
+                    sem.acquire(0)
+                except posix_ipc.BusyError:
+                    debt.release()
+        finally:
+            sem.close()
+            debt.close()
+        return True
+
+
+class GateView:
+    """Read-only handles on an existing credential gate, kept open across the audit's
+    passes: no lock taken, nothing created."""
+
+    __slots__ = ("_debt", "_record", "_sem", "inode")
+
+    def __init__(
+        self,
+        sem: posix_ipc.Semaphore,
+        debt: posix_ipc.Semaphore,
+        record: mmap.mmap,
+        inode: int,
+    ) -> None:
+        self._sem = sem
+        self._debt = debt
+        self._record = record
+        self.inode = inode
+
+    @classmethod
+    def open(cls, namespace: str, user_id: uuid.UUID, inode: int) -> GateView | None:
+        try:
+            record = _map_record(namespace, user_id)
+        except posix_ipc.ExistentialError:
+            return None
+        try:
+            sem = posix_ipc.Semaphore(credential_gate_name(namespace, user_id))
+        except posix_ipc.ExistentialError:
+            record.close()
+            return None
+        try:
+            debt = posix_ipc.Semaphore(credential_debt_name(namespace, user_id))
+        except posix_ipc.ExistentialError:
+            sem.close()
+            record.close()
+            return None
+        return cls(sem, debt, record, inode)
+
+    def read(self) -> tuple[int, int, int, int, int] | None:
+        """(version, cap, applied, free, debt); None for a deleted or unfinished record."""
+        magic, version, target, applied = _RECORD.unpack_from(self._record)
+        if magic != _MAGIC:
+            return None
+        return version, target, applied, int(self._sem.value), int(self._debt.value)
+
+    def close(self) -> None:
+        self._sem.close()
+        self._debt.close()
+        self._record.close()
+
+
 class CapRecord(msgspec.Struct, frozen=True):
     version: int
     cap: int
@@ -247,18 +358,58 @@ def read_records(namespace: str) -> dict[uuid.UUID, CapRecord]:
     return records
 
 
-def unlink_credential(namespace: str, user_id: uuid.UUID) -> None:
-    """Remove a deleted user's gate; holders keep their handles and release onto them."""
+def mark_deleted(namespace: str, user_id: uuid.UUID) -> None:
+    """A deleted user's gate: never opened again; its holders still release onto it, and
+    the launcher removes it once none is left (``sweep_deleted``). Unlinking it at once
+    would let a worker holding a row read before the delete create a second counter under
+    the same name."""
     with _locked_existing(namespace, user_id) as record:
-        for name in (
-            credential_gate_name(namespace, user_id),
-            credential_debt_name(namespace, user_id),
-        ):
+        if record is not None and _RECORD.unpack_from(record)[0] == _MAGIC:
+            _RECORD.pack_into(record, 0, _DELETED, *_RECORD.unpack_from(record)[1:])
+            return
+        if record is None:
+            _unlink_semaphores(namespace, user_id)  # strays of a creator killed early
+
+
+def has_deleted(namespace: str) -> bool:
+    """Whether any deleted user's record is still there (a cheap look before a sweep)."""
+    for _user_id, name in list_cap_records(namespace):
+        try:
+            if (SHM_DIR / name.lstrip("/")).read_bytes()[:8] == _DELETED:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def sweep_deleted(namespace: str, held: dict[str, int]) -> int:
+    """Remove the objects of deleted users whose gate no live ledger holds (``held``: the
+    permits per gate name the live workers' ledgers record); the number removed."""
+    removed = 0
+    for user_id, name in list_cap_records(namespace):
+        try:
+            magic = (SHM_DIR / name.lstrip("/")).read_bytes()[:8]
+        except OSError:
+            continue
+        if magic != _DELETED or held.get(credential_gate_name(namespace, user_id), 0):
+            continue
+        with _locked_existing(namespace, user_id) as record:
+            if record is None or _RECORD.unpack_from(record)[0] != _DELETED:
+                continue
+            _unlink_semaphores(namespace, user_id)
             with contextlib.suppress(posix_ipc.ExistentialError):
-                posix_ipc.unlink_semaphore(name)
-        if record is not None:
-            with contextlib.suppress(posix_ipc.ExistentialError):
-                posix_ipc.unlink_shared_memory(cap_record_name(namespace, user_id))
+                posix_ipc.unlink_shared_memory(name)
+            removed += 1
+    return removed
+
+
+def _unlink_semaphores(namespace: str, user_id: uuid.UUID) -> None:
+    for sem_name in (
+        credential_gate_name(namespace, user_id),
+        credential_debt_name(namespace, user_id),
+    ):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(sem_name)
 
 
 # -------------------------------------------------------------------------------- inside
@@ -279,13 +430,26 @@ def _locked_existing(
     namespace: str, user_id: uuid.UUID, *, create: bool = False
 ) -> Iterator[mmap.mmap | None]:
     name = cap_record_name(namespace, user_id)
-    try:
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT if create else 0, mode=0o600)
-    except posix_ipc.ExistentialError:
-        yield None
-        return
-    try:
+    while True:
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT if create else 0, mode=0o600)
+        except posix_ipc.ExistentialError:
+            yield None
+            return
         fcntl.flock(shm.fd, fcntl.LOCK_EX)
+        # The record may have been unlinked (a deleted user) while we waited for its
+        # lock: a lock on a name that now means another inode, or none, excludes no one.
+        try:
+            current = (SHM_DIR / name.lstrip("/")).stat().st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(shm.fd).st_ino:
+            break
+        shm.close_fd()
+        if not create:
+            yield None
+            return
+    try:
         if shm.size < _RECORD.size:
             os.ftruncate(shm.fd, _RECORD.size)  # a new record: all zeros, no magic yet
         with mmap.mmap(shm.fd, _RECORD.size) as view:
@@ -308,18 +472,32 @@ def _open_semaphores(
     namespace: str, user_id: uuid.UUID, record: mmap.mmap, cap: int
 ) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
     """Under the record's lock: the gate and debt semaphores, created with the record when
-    it is new (the gate full at ``cap``)."""
-    fresh = _RECORD.unpack_from(record)[0] != _MAGIC
-    sem = posix_ipc.Semaphore(
-        credential_gate_name(namespace, user_id),
-        posix_ipc.O_CREAT,
-        mode=0o600,
-        initial_value=cap if fresh else 0,
-    )
+    it is new (the gate full at ``cap``). ``CredentialGone`` for a deleted user's."""
+    magic = _RECORD.unpack_from(record)[0]
+    if magic == _DELETED:
+        raise CredentialGone(f"the gate of user {user_id} was removed (the user was deleted)")
+    fresh = magic != _MAGIC
+    gate_name = credential_gate_name(namespace, user_id)
+    debt_name = credential_debt_name(namespace, user_id)
+    if fresh:
+        # A creator killed before the magic may have left either semaphore, holding the
+        # count of another cap; no one can hold permits on it (only a record with its
+        # magic hands the gate out), so start both afresh.
+        for name in (gate_name, debt_name):
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_semaphore(name)
+        flags = posix_ipc.O_CREX
+    else:
+        flags = 0
     try:
-        debt = posix_ipc.Semaphore(
-            credential_debt_name(namespace, user_id), posix_ipc.O_CREAT, mode=0o600, initial_value=0
-        )
+        sem = posix_ipc.Semaphore(gate_name, flags, mode=0o600, initial_value=cap if fresh else 0)
+    except posix_ipc.ExistentialError:
+        raise CredentialGone(f"the gate of user {user_id} is gone") from None
+    try:
+        debt = posix_ipc.Semaphore(debt_name, flags, mode=0o600, initial_value=0)
+    except posix_ipc.ExistentialError:
+        sem.close()
+        raise CredentialGone(f"the gate of user {user_id} is gone") from None
     except BaseException:
         sem.close()
         raise

@@ -4,7 +4,8 @@ IpcError
 ├── InvalidName          a namespace or semaphore name POSIX would refuse
 ├── NamespaceBusy        another launcher holds the namespace
 ├── NamespaceMissing     no launcher has set the namespace up
-└── LedgerFull           a worker holds permits on more semaphores than its ledger has slots
+├── LedgerFull           a worker holds permits on more semaphores than its ledger has slots
+└── CredentialGone       a credential's gate was removed (its user was deleted)
 """
 
 
@@ -25,4 +26,8 @@ class NamespaceMissing(IpcError):
 
 
 class LedgerFull(IpcError):
+    pass
+
+
+class CredentialGone(IpcError):
     pass

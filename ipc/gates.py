@@ -8,6 +8,7 @@ credential's gate is resized in place when its cap changes (see ``ipc.caps``).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Literal, Protocol
 
@@ -15,9 +16,10 @@ import msgspec
 import posix_ipc
 
 from ipc.caps import CredentialGate, open_credential_gate
-from ipc.errors import LedgerFull, NamespaceMissing
+from ipc.errors import CredentialGone, LedgerFull, NamespaceMissing
 from ipc.ledger import Ledger
-from ipc.naming import generation_name, global_gate_name
+from ipc.naming import generation_name, global_gate_name, waiting_room_name
+from ipc.queue import Queue
 
 
 class AnyGate(Protocol):
@@ -26,6 +28,8 @@ class AnyGate(Protocol):
     retired: bool
 
     def try_acquire(self) -> bool: ...
+
+    def acquire_within(self, timeout: float) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -51,6 +55,15 @@ class Gate:
             return False
         return True
 
+    def acquire_within(self, timeout: float) -> bool:
+        """Blocking, for a waiting room's helper thread (the GIL is released while it
+        waits): a permit within ``timeout`` seconds."""
+        try:
+            self._sem.acquire(timeout)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
     def release(self) -> None:
         self._sem.release()
 
@@ -65,6 +78,9 @@ class Gate:
 class Rejected(msgspec.Struct, frozen=True):
     scope: Literal["global", "credential"]
     cap: int
+    # Seconds spent in a waiting line before the refusal; None when refused at once (no
+    # queue, or its line was full).
+    waited: float | None = None
 
 
 class Permit:
@@ -97,12 +113,26 @@ def _recorded(gate: AnyGate, ledger: Ledger) -> None:
     gate.holders += 1
 
 
+def _retire(gate: AnyGate) -> None:
+    gate.retired = True
+    if not gate.holders:
+        gate.close()
+
+
 def _give_back(gate: AnyGate, ledger: Ledger) -> None:
     ledger.unrecord(gate.name)
     gate.release()
     gate.holders -= 1
     if gate.retired and not gate.holders:
         gate.close()
+
+
+def _try(credential: CredentialGate) -> bool:
+    """``try_acquire``; a gate closed under us (its user deleted meanwhile) is gone."""
+    try:
+        return credential.try_acquire()
+    except posix_ipc.ExistentialError:
+        raise CredentialGone(f"the gate of user {credential.user_id} was closed") from None
 
 
 class Gatekeeper:
@@ -154,13 +184,18 @@ class Gatekeeper:
         return gate
 
     def forget_credential_gates(self) -> None:
-        """Close every credential gate (one with permits out closes when they come back):
-        after a change anywhere, so a deleted user's gate does not stay mapped."""
+        """Close every credential gate (one with permits out closes when they come back)."""
         for gate in self._credential_gates.values():
-            gate.retired = True
-            if not gate.holders:
-                gate.close()
+            _retire(gate)
         self._credential_gates.clear()
+
+    def drop_deleted_gates(self) -> None:
+        """After a change anywhere: close the gates of deleted users (a gate's name never
+        changes, so every other gate stays open; a cap change reaches it by version)."""
+        for user_id, gate in list(self._credential_gates.items()):
+            if gate.deleted:
+                del self._credential_gates[user_id]
+                _retire(gate)
 
     # Admission.
 
@@ -171,7 +206,13 @@ class Gatekeeper:
             if not global_gate.try_acquire():
                 return Rejected(scope="global", cap=global_gate.cap)
             _recorded(global_gate, ledger)
-        if not credential.try_acquire():
+        try:
+            admitted = _try(credential)
+        except BaseException:
+            if global_gate is not None:
+                _give_back(global_gate, ledger)
+            raise
+        if not admitted:
             if global_gate is not None:
                 _give_back(global_gate, ledger)
             return Rejected(scope="credential", cap=credential.cap)
@@ -185,6 +226,81 @@ class Gatekeeper:
             (credential,) if global_gate is None else (global_gate, credential)
         )
         return Permit(gates, ledger)
+
+    def admit_unless_queued(self, credential: CredentialGate, queue: Queue) -> Permit | Rejected:
+        """``admit``, but refused while anyone waits for either gate: a newcomer never
+        barges past a line (the caller then waits in it)."""
+        global_gate = self.global_gate
+        if global_gate is not None and queue.crowded(
+            waiting_room_name(self.namespace, None)
+        ):
+            return Rejected(scope="global", cap=global_gate.cap)
+        if queue.crowded(waiting_room_name(self.namespace, credential.user_id)):
+            return Rejected(scope="credential", cap=credential.cap)
+        return self.admit(credential)
+
+    async def admit_waiting(
+        self, credential: CredentialGate, queue: Queue, *, within: float
+    ) -> Permit | Rejected:
+        """Admit, waiting up to ``within`` seconds in line for a gate over its cap.
+
+        The global gate first, then the credential's; no global permit is held while
+        waiting for the credential's (a burst on one credential must not starve everyone
+        else of the global cap). Cancellation (the client left) gives back whatever was
+        taken, and leaves any line at once.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ledger = self.ledger
+        global_gate = self.global_gate
+        room = waiting_room_name(self.namespace, credential.user_id)
+        global_room = waiting_room_name(self.namespace, None)
+
+        def left() -> float:
+            return max(0.0, within - (loop.time() - started))
+
+        def rejected(
+            scope: Literal["global", "credential"], cap: int, outcome: bool | None
+        ) -> Rejected:
+            waited = None if outcome is None else loop.time() - started  # None: line full
+            return Rejected(scope=scope, cap=cap, waited=waited)
+
+        async def take(gate: AnyGate, place: str) -> bool | None:
+            """A permit of ``gate``, recorded: at once if nobody waits, else in line (None:
+            the line is full)."""
+            if not queue.crowded(place) and gate.try_acquire():
+                _recorded(gate, ledger)
+                return True
+            return await queue.wait(gate, place, left())
+
+        held: list[AnyGate] = []
+        try:
+            if global_gate is not None:
+                if not (got := await take(global_gate, global_room)):
+                    return rejected("global", global_gate.cap, got)
+                held.append(global_gate)
+            if not queue.crowded(room) and _try(credential):
+                _recorded(credential, ledger)
+                held.append(credential)
+            else:
+                if global_gate is not None:
+                    _give_back(global_gate, ledger)
+                    held.clear()
+                if not (got := await queue.wait(credential, room, left())):
+                    return rejected("credential", credential.cap, got)
+                held.append(credential)
+                if global_gate is not None:
+                    # Holding the credential's own permit while it waits for the global
+                    # one keeps only this credential's other requests waiting.
+                    if not (got := await take(global_gate, global_room)):
+                        return rejected("global", global_gate.cap, got)
+                    held.insert(0, global_gate)
+            permit = Permit(tuple(held), ledger)
+            held.clear()  # the permit's now: not given back below
+            return permit
+        finally:
+            for gate in reversed(held):
+                _give_back(gate, ledger)
 
     def close(self) -> None:
         """Close every handle; one with permits still out closes when the last comes back."""

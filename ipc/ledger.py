@@ -5,8 +5,11 @@ So each worker writes down, per semaphore name, how many permits it holds; the
 launcher's reaper reads the ledger of a worker that died and gives those permits back.
 
 Layout: a header (magic, pid, process start time, slot count), then fixed slots of
-(count: int64, name: 120 bytes, NUL-padded). Only the owning worker writes while it
-lives; the reaper writes only once the owner is dead.
+(count: int64, operations: int64, name: 112 bytes, NUL-padded). A slot's operation
+counter grows with every record and un-record of its gate, so the launcher's audit can
+tell a gate that stood still across an interval from one whose count merely came back to
+where it was (``ipc.audit``). Only the owning worker writes while it lives; the reaper
+writes only once the owner is dead.
 
 Ordering (see ``Permit``): a permit is recorded after the semaphore call succeeded and
 un-recorded before it is released. A kill between the two errs towards one permit lost
@@ -20,6 +23,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator
 from typing import Final
 
@@ -29,11 +33,13 @@ import posix_ipc
 from ipc.errors import LedgerFull
 from ipc.naming import ledger_name
 
-_MAGIC: Final = b"GWLEDG01"
+_MAGIC: Final = b"GWLEDG02"
 _HEADER: Final = struct.Struct("<8sqqq")  # magic, pid, start time, slots
 _COUNT: Final = struct.Struct("<q")
-_NAME_BYTES: Final = 120
-_SLOT_BYTES: Final = _COUNT.size + _NAME_BYTES
+_SLOT: Final = struct.Struct("<qq")  # count, operations
+_NAME_AT: Final = _SLOT.size
+_NAME_BYTES: Final = 112
+_SLOT_BYTES: Final = _SLOT.size + _NAME_BYTES
 DEFAULT_SLOTS: Final = 4096
 
 
@@ -41,6 +47,7 @@ class Holding(msgspec.Struct, frozen=True):
     slot: int
     name: str
     count: int
+    ops: int = 0
 
 
 class LedgerSnapshot(msgspec.Struct, frozen=True):
@@ -98,7 +105,10 @@ class Ledger:
         self._slots = slots
         self._slot_of: dict[str, int] = {}
         self._counts: dict[str, int] = {}
-        self._free: list[int] = list(range(slots - 1, -1, -1))
+        self._ops = [0] * slots
+        # Oldest freed first: a slot keeps naming its last gate (with its operation
+        # counter) as long as possible, so the audit sees that gate was used.
+        self._free: deque[int] = deque(range(slots))
 
     def record(self, name: str) -> None:
         count = self._counts.get(name, 0) + 1
@@ -106,17 +116,19 @@ class Ledger:
         if slot is None:
             if not self._free:
                 raise LedgerFull(f"ledger {self.name} has no free slot for {name}")
-            slot = self._free.pop()
+            slot = self._free.popleft()
             self._slot_of[name] = slot
-            offset = _HEADER.size + slot * _SLOT_BYTES + _COUNT.size
+            offset = _HEADER.size + slot * _SLOT_BYTES + _NAME_AT
             self._map[offset : offset + _NAME_BYTES] = name.encode().ljust(_NAME_BYTES, b"\0")
         self._counts[name] = count
-        _COUNT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count)
+        ops = self._ops[slot] = self._ops[slot] + 1
+        _SLOT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count, ops)
 
     def unrecord(self, name: str) -> None:
         count = self._counts[name] - 1
         slot = self._slot_of[name]
-        _COUNT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count)
+        ops = self._ops[slot] = self._ops[slot] + 1
+        _SLOT.pack_into(self._map, _HEADER.size + slot * _SLOT_BYTES, count, ops)
         if count:
             self._counts[name] = count
         else:
@@ -138,13 +150,17 @@ class Ledger:
             unlink_ledger(self.name)
 
 
-def read_ledger(name: str, *, with_holdings: bool = True) -> LedgerSnapshot | None:
-    """Read a ledger by name; None when it is gone or not a ledger."""
+def read_ledger(
+    name: str, *, with_holdings: bool = True, with_idle: bool = False
+) -> LedgerSnapshot | None:
+    """Read a ledger by name; None when it is gone or not a ledger. ``with_idle`` also
+    lists slots at count 0 that still name a gate (their operation counters moved if the
+    gate was used since)."""
     with _mapped(name, locked=False) as found:
         if found is None:
             return None
         view, (pid, start, slots) = found
-        holdings = list(_holdings(view, slots)) if with_holdings else []
+        holdings = list(_holdings(view, slots, idle=with_idle)) if with_holdings else []
     return LedgerSnapshot(ledger=name, pid=pid, start_time=start, holdings=holdings)
 
 
@@ -224,10 +240,14 @@ def unlink_ledger(name: str) -> None:
         posix_ipc.unlink_shared_memory(name)
 
 
-def _holdings(view: mmap.mmap, slots: int) -> Iterator[Holding]:
-    for slot in range(slots):
-        offset = _HEADER.size + slot * _SLOT_BYTES
-        (count,) = _COUNT.unpack_from(view, offset)
-        if count > 0:
-            raw = view[offset + _COUNT.size : offset + _SLOT_BYTES].rstrip(b"\0")
-            yield Holding(slot=slot, name=raw.decode(), count=count)
+_SLOT_COUNTS: Final = struct.Struct(f"<qq{_NAME_BYTES}x")  # a whole slot, name skipped
+
+
+def _holdings(view: mmap.mmap, slots: int, *, idle: bool = False) -> Iterator[Holding]:
+    # iter_unpack walks every slot in C: the audit reads all ledgers a few times a second.
+    table = view[_HEADER.size : _HEADER.size + slots * _SLOT_BYTES]
+    for slot, (count, ops) in enumerate(_SLOT_COUNTS.iter_unpack(table)):
+        if count > 0 or (idle and ops > 0):
+            offset = _HEADER.size + slot * _SLOT_BYTES
+            raw = view[offset + _NAME_AT : offset + _SLOT_BYTES].rstrip(b"\0")
+            yield Holding(slot=slot, name=raw.decode(), count=count, ops=ops)

@@ -11,7 +11,7 @@ import uuid
 import msgspec
 import posix_ipc
 
-from ipc.caps import read_state, unlink_credential
+from ipc.caps import mark_deleted, read_state
 from ipc.errors import IpcError, NamespaceBusy
 from ipc.gates import unlink_semaphore
 from ipc.ledger import process_start_time, read_ledger, unlink_ledger
@@ -109,8 +109,9 @@ def purge(namespace: str) -> int:
 
 
 def unlink_user_gates(namespace: str, user_id: uuid.UUID) -> None:
-    """Remove a deleted user's gate; holders release onto their open handles."""
-    unlink_credential(namespace, user_id)
+    """Retire a deleted user's gate: holders release onto it, nobody opens it again, and
+    the launcher removes it once it is free (``ipc.caps.sweep_deleted``)."""
+    mark_deleted(namespace, user_id)
 
 
 def bump_generation(namespace: str) -> bool:

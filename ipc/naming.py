@@ -9,6 +9,9 @@ removed together, and two deployments (or two tests) never share one.
     /{ns}.d.{user hex}     that credential's debt: permits still to take back after a lowered cap
     /{ns}.k.{user hex}     that credential's cap record (shared memory; see ``ipc.caps``)
     /{ns}.l.{pid}          a worker's ledger (shared memory)
+    /{ns}.repairs.{scope}  drift repairs the audit made since start (a semaphore as a counter)
+    /{ns}.q.g              the global gate's waiting room (free places; ``ipc.queue``)
+    /{ns}.q.{user hex}     a credential's waiting room
     {ns}.metrics/          the workers' Prometheus files (a folder in /dev/shm, see
                            ``gateway.metrics.folder``)
 
@@ -77,6 +80,15 @@ def credential_debt_name(namespace: str, user_id: uuid.UUID) -> str:
 
 def cap_record_name(namespace: str, user_id: uuid.UUID) -> str:
     return _checked(f"/{namespace}.k.{user_id.hex}")
+
+
+def repairs_name(namespace: str, scope: str) -> str:
+    return _checked(f"/{namespace}.repairs.{scope}")
+
+
+def waiting_room_name(namespace: str, user_id: uuid.UUID | None) -> str:
+    """The waiting room of a credential's gate, or of the global gate (``None``)."""
+    return _checked(f"/{namespace}.q.{'g' if user_id is None else user_id.hex}")
 
 
 def ledger_name(namespace: str, pid: int) -> str:

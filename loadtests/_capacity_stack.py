@@ -19,11 +19,13 @@ import httpx
 
 from ipc.namespace import purge
 from ipc.naming import lock_path
+from loadtests.procs import grandchildren
 from storage.crypto import MasterKey
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 REJECTION_LOG: Final = "request rejected over a concurrency cap"
 _CREATED_LINE: Final = re.compile(r"created user (?P<name>\S+) \((?P<id>[0-9a-f-]{36})\)")
+_ISSUED_LINE: Final = re.compile(r"issued token (?P<id>\d+) for ")
 
 
 class StackError(Exception):
@@ -132,6 +134,10 @@ class GatewayServer:
         lock_path(self.namespace).unlink(missing_ok=True)
         return code
 
+    def worker_pids(self) -> list[int]:
+        """The Granian workers: launcher > Granian server > workers."""
+        return [] if self.pid is None else grandchildren(self.pid)
+
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the gateway's log, without the one warning every 429 logs."""
         try:
@@ -168,6 +174,26 @@ class GatewayServer:
         key = f"sk-ant-load-{name}-{uuid.uuid4().hex[:8]}"
         self.put_key(token, {"key": key, "max_concurrent": cap})
         return Credential(name=name, user_id=created["id"], token=token, upstream_key=key, cap=cap)
+
+    def issue_token(self, name: str) -> tuple[int, str]:
+        """``gateway tokens issue NAME``: (token id, token)."""
+        out = self.cli("tokens", "issue", name, "--label", "churn")
+        found = _ISSUED_LINE.search(out)
+        if found is None:
+            raise StackError(f"gateway tokens issue {name}: unexpected output {out[:200]!r}")
+        return int(found["id"]), out.strip().splitlines()[-1].strip()
+
+    def probe(self, token: str) -> int:
+        """One short message with ``token``; its status (a worker caches the token)."""
+        try:
+            response = self._http.post(
+                "/v1/messages",
+                json={"model": "m", "max_tokens": 8, "messages": []},
+                headers={"x-api-key": token},
+            )
+        except httpx.HTTPError as exc:
+            raise StackError(f"probe: {exc}") from exc
+        return response.status_code
 
     def put_key(self, token: str, body: dict[str, Any]) -> None:
         response = self._http.put(

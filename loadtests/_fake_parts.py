@@ -31,6 +31,8 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     redirect: str | None = None
     set_cookie: bool = False
     body_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BODY)] = 0
+    fail_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    cut_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
 
 
 BEHAVIOUR_HELP: Final = {
@@ -48,6 +50,8 @@ BEHAVIOUR_HELP: Final = {
     "redirect": "answer 307 with this location",
     "set_cookie": "1 adds a set-cookie header",
     "body_bytes": "pad a non-streamed message with a padding field to about N bytes",
+    "fail_rate": "answer this share (0..1) of requests, at random, with a 500 error",
+    "cut_rate": "cut this share (0..1) of answers, at random, as cut_after=2 would",
 }
 _BEHAVIOUR_FIELDS: Final = frozenset(Behaviour.__struct_fields__)
 

@@ -57,6 +57,7 @@ import httpx
 import uvloop
 
 from loadtests.fake_upstream import FakeUpstream
+from loadtests.procs import grandchildren, rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = b'{"model":"claude-bench","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
@@ -132,8 +133,7 @@ class Gateway:
         return token
 
     def worker_pids(self) -> list[int]:
-        granian = _children(self.process.pid)
-        return [pid for parent in granian for pid in _children(parent)]
+        return grandchildren(self.process.pid)
 
     def worker_cpu_seconds(self) -> float:
         """User + system CPU the workers have used so far (Granian's parent idles)."""
@@ -156,21 +156,6 @@ class Gateway:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _free_port() -> int:
@@ -464,11 +449,11 @@ async def memory_at(
             await asyncio.wait_for(all_open.wait(), 60)
         except TimeoutError:
             print(f"  only {opened} of {streams} streams opened within 60 s")
-        burst = [_rss_mib(pid) for pid in gateway.worker_pids()]
+        burst = [rss_mib(pid) for pid in gateway.worker_pids()]
         # Held a while longer: past heap trims (GATEWAY_HEAP_TRIM_INTERVAL, 1 s), what
         # the open streams themselves hold.
         await asyncio.sleep(settle)
-        settled = [_rss_mib(pid) for pid in gateway.worker_pids()]
+        settled = [rss_mib(pid) for pid in gateway.worker_pids()]
         held.set()
         for task in tasks:
             task.cancel()
@@ -477,7 +462,7 @@ async def memory_at(
 
 
 def fresh_rss(gateway: Gateway) -> list[float]:
-    return [_rss_mib(pid) for pid in gateway.worker_pids()]
+    return [rss_mib(pid) for pid in gateway.worker_pids()]
 
 
 def _pct(values: list[float], pct: int) -> float:

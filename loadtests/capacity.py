@@ -53,6 +53,7 @@ import gevent.pool
 from locust import argument_parser
 from locust.env import Environment
 
+from ipc.audit import repairs_made
 from loadtests import locustfile as scenarios
 from loadtests._capacity_stack import Credential, GatewayServer, StackError
 from loadtests._capacity_verdict import (
@@ -79,6 +80,10 @@ STEADY_UNTIL = 0.3  # seconds before a phase ends after which they no longer do
 # Seconds after a cap change's PUT returned before it binds at the upstream: a request
 # admitted just before the change is still on its way there.
 CHANGE_GRACE = 0.25
+AUDIT_INTERVAL = 2.0  # the gateway's default GATEWAY_CAP_AUDIT_INTERVAL
+# The churn phase's streams: upstream errors and cuts among them (the fake upstream picks
+# by the query; the locustfile adds it to every request).
+CHURN_QUERY = "fail_rate=0.1&cut_rate=0.1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +106,8 @@ class Plan:
     sample_every: float
     most: float
     expect_cap: int
+    churn: float = 0.0
+    kill_every: float = 8.0
 
     @property
     def stream_seconds(self) -> float:
@@ -131,10 +138,9 @@ class Plan:
             found.append("--users must exceed --global-cap (the global phase must be over it)")
         if math.ceil(self.users / self.credentials) >= self.cap:
             found.append("--users / --credentials must stay under --cap (each key under it)")
-        overlap = sum(sorted(self.cap_change)[-2:])
-        if self.cap + self.churn_users + overlap > self.global_cap:
+        if self.cap + self.churn_users + max(self.cap_change) > self.global_cap:
             found.append(
-                "--cap + --churn-users + the two largest --cap-change values must not "
+                "--cap + --churn-users + the largest --cap-change value must not "
                 "exceed --global-cap (the first phase must stay under the global cap)"
             )
         if self.change_users <= max(self.cap_change):
@@ -234,7 +240,9 @@ def create_credentials(gateway: GatewayServer, plan: Plan) -> Credentials:
     )
 
 
-def locust_options(plan: Plan, url: str, creds: Credentials) -> Any:
+def locust_options(
+    plan: Plan, url: str, creds: Credentials, *, upstream_query: str = ""
+) -> Any:
     """The locustfile's options, as its own command-line parser reads them."""
     args = [
         "--host", url,
@@ -248,7 +256,7 @@ def locust_options(plan: Plan, url: str, creds: Credentials) -> Any:
         "--cap-change-every", str(plan.cap_change_every),
         "--stream-events", str(plan.events),
         "--stream-delay", str(plan.delay),
-        "--upstream-query", "",
+        "--upstream-query", upstream_query,
         "--drop-after", str(plan.drop_after),
         "--max-retry-wait", str(plan.max_retry_wait),
     ]  # fmt: skip
@@ -331,6 +339,96 @@ def drive_load(
         global_window=Window(second + STEADY_AFTER, second + phase - STEADY_UNTIL),
         load_seconds=2 * phase,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChurnResult:
+    kills: int
+    revoked: int
+    requests: int
+    repairs_before: dict[str, int]
+
+
+def drive_churn(plan: Plan, gateway: GatewayServer, creds: Credentials) -> ChurnResult:
+    """The churn phase: short messages, dropped streams, upstream errors and cuts, cap
+    changes and a hot key, while a worker is SIGKILLed every ``--kill-every`` seconds and
+    tokens are issued, used and revoked. Requests may fail here (their worker was
+    killed); what is judged is the state at rest afterwards."""
+    repairs_before = repairs_made(gateway.namespace)
+    classes = [scenarios.HotStreamer, scenarios.ChurnUser, scenarios.CapChanger]
+    for user_class in classes:
+        user_class.host = gateway.url
+    env = Environment(
+        user_classes=list(classes),
+        events=locust.events,
+        host=gateway.url,
+        parsed_options=locust_options(plan, gateway.url, creds, upstream_query=CHURN_QUERY),
+    )
+    tally = Tally()
+    hooks: Any = env.events
+    hooks.request.add_listener(tally.on_request)
+    runner = env.create_local_runner()
+    hooks.init.fire(environment=env, runner=runner, web_ui=None)
+    kills = revoked = 0
+    stop = gevent.event.Event()
+
+    def killer() -> None:
+        nonlocal kills
+        while not stop.wait(plan.kill_every):
+            workers = gateway.worker_pids()
+            if workers:
+                os.kill(workers[kills % len(workers)], signal.SIGKILL)
+                kills += 1
+
+    def revoker() -> None:
+        nonlocal revoked
+        owner = creds.churn[0] if creds.churn else creds.hot
+        while not stop.wait(2.0):
+            try:
+                token_id, token = gateway.issue_token(owner.name)
+                gateway.probe(token)  # cached by a worker, then revoked under it
+                gateway.cli("tokens", "revoke", str(token_id))
+                revoked += 1
+            except StackError as exc:
+                log.warning("token churn step failed: %s", exc)
+
+    helpers = [gevent.spawn(killer), gevent.spawn(revoker)]
+    try:
+        runner.spawn_users(
+            {"HotStreamer": plan.hot_users, "ChurnUser": max(4, plan.churn_users), "CapChanger": 1}
+        )
+        gevent.sleep(plan.churn)
+        runner.stop_users(dict(runner.user_classes_count))
+    finally:
+        stop.set()
+        gevent.joinall(helpers, timeout=15)
+        runner.quit()
+        hooks.request.remove_listener(tally.on_request)
+    return ChurnResult(
+        kills=kills,
+        revoked=revoked,
+        requests=sum(tally.statuses.values()),
+        repairs_before=repairs_before,
+    )
+
+
+def judge_churn(churn: ChurnResult, gates: Check, repairs_after: dict[str, int]) -> list[Check]:
+    made = {
+        scope: count - churn.repairs_before.get(scope, 0) for scope, count in repairs_after.items()
+    }
+    return [
+        Check(
+            "no drift repaired while no worker was killed",
+            sum(churn.repairs_before.values()) == 0,
+            f"repairs before the churn: {churn.repairs_before}",
+        ),
+        Check(
+            f"every cap exact at rest after {churn.kills} worker kills",
+            gates.passed and churn.kills > 0,
+            f"{gates.detail}; {churn.requests} requests, {churn.revoked} tokens revoked, "
+            f"drift repaired by the audit: {made}",
+        ),
+    ]
 
 
 def wait_until_idle(fake: FakeUpstream, *, within: float) -> dict[str, Any]:
@@ -471,6 +569,14 @@ def heading(plan: Plan) -> list[str]:
         f"{plan.change_users} streamers on a key cycled {lo}..{hi}",
         f"  phase 2 ({plan.phase_seconds:.1f} s): {plan.users} streamers on "
         f"{plan.credentials} keys (cap {plan.cap} each), global cap {plan.global_cap}",
+        *(
+            [
+                f"  churn ({plan.churn:g} s): mixed traffic, upstream errors and cuts, cap "
+                f"changes, token revocations, a worker SIGKILLed every {plan.kill_every:g} s"
+            ]
+            if plan.churn
+            else []
+        ),
     ]
 
 
@@ -494,6 +600,13 @@ def run(plan: Plan) -> int:
         gates = settled_caps(gateway, plan, within=10.0)
         metrics = settled_metrics(gateway, result.tally, within=5.0)
         checks = judge(plan, result, final, creds, gates, metrics)
+        if plan.churn:
+            churned = drive_churn(plan, gateway, creds)
+            wait_until_idle(fake, within=10.0)
+            # The reaper, then the audit (an interval of quiet) settle every count.
+            gevent.sleep(2 * AUDIT_INTERVAL)
+            settled = settled_caps(gateway, plan, within=10.0 + 2 * AUDIT_INTERVAL)
+            checks += judge_churn(churned, settled, repairs_made(gateway.namespace))
         click.echo(
             render(heading=heading(plan), figures=figures(plan, result, final), checks=checks)
         )
@@ -659,6 +772,23 @@ Examples:
     default=None,
     help="The hot key's cap the checks expect [default: --cap]; a wrong one fails.",
 )
+@click.option(
+    "--churn",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds of a churn phase after the others (0: none): mixed traffic with upstream "
+    "errors and cuts, cap changes and token revocations while a worker is SIGKILLed every "
+    "--kill-every seconds; then every cap must be exact at rest.",
+)
+@click.option(
+    "--kill-every",
+    type=click.FloatRange(min=6.0),
+    default=8.0,
+    show_default=True,
+    help="Seconds between worker kills in the churn phase (Granian takes a worker that "
+    "dies within ~5.5 s of its respawn for a crash loop).",
+)
 def main(**given: Any) -> None:
     """Check the gateway's concurrency caps under load against the upstream's ground truth."""
     cap: int = given["cap"]
@@ -683,6 +813,8 @@ def main(**given: Any) -> None:
         sample_every=given["sample_every"],
         most=given["most"],
         expect_cap=given["expect_cap"] or cap,
+        churn=given["churn"],
+        kill_every=given["kill_every"],
     )
     if problems := plan.problems():
         raise click.UsageError("; ".join(problems))

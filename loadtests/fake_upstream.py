@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import selectors
 import signal
 import subprocess
@@ -188,6 +189,10 @@ async def _answer(request: web.Request, defaults: Behaviour, seen: Seen) -> web.
         return web.Response(status=307, headers=headers)
     if how.status is not None:
         return error_response(how.status, f"fake upstream answered {how.status}", headers)
+    if how.fail_rate and random.random() < how.fail_rate:
+        return error_response(500, "fake upstream failed on purpose (fail_rate)", headers)
+    if how.cut_rate and how.cut_after is None and random.random() < how.cut_rate:
+        how = msgspec.structs.replace(how, cut_after=2)
     return await _route(request.method, seen.path)(request, how, headers, seen)
 
 

@@ -38,7 +38,9 @@ def measure(number: int = 200_000) -> dict[str, float]:
     tally = metrics.tally
 
     def tallied() -> None:
-        tally.relayed("ok", 200, streamed=True, sent_at=10.0, headers_at=10.3, ended=11.7)
+        tally.relayed(
+            "ok", 200, streamed=True, admitted_at=9.9, sent_at=10.0, headers_at=10.3, ended=11.7
+        )
 
     def flush_100() -> None:  # what the worker's task does each second, at 100 requests/s
         for _ in range(100):

@@ -81,15 +81,17 @@ class RequestTally:
         status: int,
         *,
         streamed: bool,
+        admitted_at: float,
         sent_at: float,
         headers_at: float,
         ended: float,
     ) -> None:
-        """An admitted request ended; ``headers_at`` is 0 when no response head came."""
+        """An admitted request ended (admitted, sent upstream, its response head, its last
+        byte: ``perf_counter`` times); ``headers_at`` is 0 when no response head came."""
         key = (outcome, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        (self.streamed if streamed else self.unary).observe(ended - sent_at)
+        (self.streamed if streamed else self.unary).observe(ended - admitted_at)
         if headers_at:
             self.upstream_headers.observe(headers_at - sent_at)
 

@@ -11,6 +11,8 @@ import json
 import os
 import random
 import signal
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -289,3 +291,37 @@ async def test_a_change_committed_by_a_process_that_died_before_applying_it_is_a
         assert in_flight(fake_upstream, key) == 3
     finally:
         await streams.close_all()
+
+
+def test_a_change_while_a_request_body_is_still_arriving_costs_it_nothing(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """A settings change elsewhere lands while a request's body is on its way: the
+    request is served, and no permit is left behind (found by review: gates used to be
+    closed under requests on every change, with a 500 and a leaked global permit)."""
+    gateway = start_gateway(workers=1, PROXY_MAX_GLOBAL_CONCURRENT="10")
+    token_a, _ = gateway.user_with_key("alice", cap=4)
+    token_b, _ = gateway.user_with_key("bob", cap=4)
+    body = json.dumps({**STREAM, "stream": False}).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (
+            f"POST /v1/messages HTTP/1.1\r\nhost: {host}\r\nx-api-key: {token_a}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body[:10])  # resolved and admitted; the rest is on its way
+        time.sleep(0.5)
+        gateway.cli("users", "set-cap", "bob", "3")  # a change: the counter moves
+        other = httpx.post(
+            f"{gateway.url}/v1/messages",
+            content=body,
+            headers={"x-api-key": token_b, "content-type": "application/json"},
+            timeout=10,
+        )
+        assert other.status_code == 200
+        sock.sendall(body[10:])
+        status_line = sock.makefile("rb").readline()
+    assert status_line.split()[1] == b"200"
+    time.sleep(0.5)
+    global_row = next(row for row in gateway.caps() if row["scope"] == "global")
+    assert global_row["in_use"] == 0

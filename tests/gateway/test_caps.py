@@ -25,7 +25,8 @@ from ipc.ledger import read_ledger
 from ipc.namespace import usage
 from ipc.naming import POSIX_NAME_MAX, list_ledgers, list_semaphores
 from loadtests.fake_upstream import FakeUpstream
-from tests.fixtures.gateway import GatewayProcess, children, shm_leftovers
+from loadtests.procs import children
+from tests.fixtures.gateway import GatewayProcess, shm_leftovers
 
 pytestmark = pytest.mark.slow
 

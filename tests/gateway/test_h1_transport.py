@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httptools
 import httpx
 import pytest
 import uvloop
@@ -24,8 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.h1_transport import H1Transport
+from gateway.h1_transport import H1Transport, _Connection, body_ends_with_connection
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -709,3 +713,254 @@ async def _an_endless_head_or_an_upgrade_is_a_protocol_error() -> None:
                 await fetch(transport, request("GET", server.url))
     await transport.aclose()
     assert unhandled == []
+
+
+# -- hostile and unusual upstreams --------------------------------------------------------
+
+
+def test_trailers_never_become_headers_even_in_the_heads_read(run: Run) -> None:
+    run(_trailers_never_become_headers_even_in_the_heads_read())
+
+
+async def _trailers_never_become_headers_even_in_the_heads_read() -> None:
+    """A trailer arriving in the same read as the head must not pass for a header (a
+    trailing ``content-type: text/event-stream`` would switch the relay to SSE)."""
+
+    async def with_trailers(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        while await read_request(reader, s) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n0\r\ncontent-type: text/event-stream\r\nx-trailer: 1\r\n\r\n"
+            )
+
+    transport = H1Transport()
+    async with serve(with_trailers) as server:
+        for _ in range(2):  # and the connection stays usable
+            response, body = await fetch(transport, request("GET", server.url))
+            assert body == b"{}"
+            assert response.headers.get_list("content-type") == ["application/json"]
+            assert "x-trailer" not in response.headers
+    await transport.aclose()
+    assert server.connections == 1
+
+
+def test_endless_trailers_are_a_protocol_error_not_memory(run: Run) -> None:
+    run(_endless_trailers_are_a_protocol_error_not_memory())
+
+
+async def _endless_trailers_are_a_protocol_error_not_memory() -> None:
+    written = 0
+
+    async def endless_trailer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        nonlocal written
+        await read_request(reader, s)
+        writer.write(chunked(b"event: a\n\n")[:-2] + b"x-big: ")
+        for _ in range(1024):  # 64 MiB of one trailer value, unless the client hangs up
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            written += 65536
+
+    transport = H1Transport()
+    async with serve(endless_trailer) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="trailer fields are too large"):
+            await fetch(transport, request("GET", server.url))
+    await transport.aclose()
+    assert written < 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("coding", "framed_by_close"),
+    [
+        (b"xchunked", True),
+        (b"chunked, gzip", True),
+        (b"chunked,", True),
+        (b"identity", True),
+        (b"gzip, chunked", False),
+        (b"Chunked ", False),
+    ],
+)
+def test_body_framing_is_the_parsers(run: Run, coding: bytes, framed_by_close: bool) -> None:
+    run(_body_framing_is_the_parsers(coding, framed_by_close))
+
+
+async def _body_framing_is_the_parsers(coding: bytes, framed_by_close: bool) -> None:
+    """``b"chunked" in value`` took ``xchunked`` for chunked, and a body the parser reads to
+    the end of the connection came out as an error."""
+    wire = b"5\r\nhello\r\n0\r\n\r\n"
+
+    async def framed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server) -> None:
+        await read_request(reader, s)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\n" + wire)
+        await writer.drain()  # then the handler returns and the server closes
+
+    transport = H1Transport()
+    async with serve(framed) as server:
+        _, body = await fetch(transport, request("GET", server.url))
+    await transport.aclose()
+    assert body == (wire if framed_by_close else b"hello")
+
+
+_te_token = st.sampled_from(
+    [b"chunked", b"Chunked", b"CHUNKED", b"gzip", b"xchunked", b"chunkedx", b"identity", b""]
+)
+_ows = st.sampled_from([b"", b" ", b"\t", b"  "])
+
+
+@st.composite
+def _transfer_encodings(draw: st.DrawFn) -> list[bytes]:
+    fields = []
+    for _ in range(draw(st.integers(1, 3))):
+        tokens = draw(st.lists(_te_token, min_size=1, max_size=3))
+        fields.append(b",".join(draw(_ows) + t + draw(_ows) for t in tokens).strip(b" \t"))
+    return fields
+
+
+@given(
+    fields=_transfer_encodings(),
+    status=st.sampled_from([200, 201, 204, 304, 404]),
+    close=st.booleans(),
+)
+def test_the_framing_rule_agrees_with_llhttp(
+    fields: list[bytes], status: int, close: bool
+) -> None:
+    """What llhttp does with the body (dechunks it, or hands it over raw until the end)
+    is what ``body_ends_with_connection`` says, for any mix of transfer codings."""
+
+    class Seen:
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+            self.body = b""
+            self.complete = False
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+        def on_body(self, body: bytes) -> None:
+            self.body += body
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    seen = Seen()
+    parser = httptools.HttpResponseParser(seen)
+    head = b"HTTP/1.1 %d X\r\n" % status
+    head += b"".join(b"transfer-encoding: " + f + b"\r\n" for f in fields)
+    head += b"connection: close\r\n" if close else b""
+    try:
+        parser.feed_data(head + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return  # refused outright (say, chunked twice): no framing to agree on
+    until_close = body_ends_with_connection(status, seen.headers)
+    if until_close:
+        assert not seen.complete and seen.body == b"5\r\nhello\r\n0\r\n\r\n"
+    else:
+        assert seen.complete and seen.body in (b"hello", b"")
+
+
+@pytest.mark.parametrize("status", [b"000", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_a_protocol_error(run: Run, status: bytes) -> None:
+    run(_a_status_outside_100_to_599_is_a_protocol_error(status))
+
+
+async def _a_status_outside_100_to_599_is_a_protocol_error(status: bytes) -> None:
+    """Status 000 read as "no status yet": the next response's head and body were merged
+    into it."""
+
+    async def odd_status(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await read_request(reader, s)
+        writer.write(
+            b"HTTP/1.1 " + status + b" Odd\r\ncontent-length: 2\r\nx-a: first\r\n\r\nok"
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-b: smuggled\r\n\r\nevil"
+        )
+        await wait_closed_by_client(reader, s)
+
+    transport = H1Transport()
+    async with serve(odd_status) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match=f"status {status.decode()}"):
+            await fetch(transport, request("GET", server.url))
+    assert transport.idle_connections() == 0
+    await transport.aclose()
+
+
+def test_failed_connections_are_freed_without_the_cyclic_gc(run: Run) -> None:
+    run(_failed_connections_are_freed_without_the_cyclic_gc())
+
+
+async def _failed_connections_are_freed_without_the_cyclic_gc() -> None:
+    """A cut stream's connection (and its buffers) goes when its last reference does, not
+    at the next run of the cyclic GC: the parser's bound methods and a stored exception's
+    traceback held it in cycles."""
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server) -> None:
+        await read_request(reader, s)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 50000)
+        await writer.drain()
+
+    async def garbage(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await read_request(reader, s)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        await wait_closed_by_client(reader, s)
+
+    async def smuggles(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await read_request(reader, s)
+        writer.write(ok(b"ok") + b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+        await wait_closed_by_client(reader, s)
+
+    async def one_case(handler: Handler, read: float = 5.0) -> None:
+        transport = H1Transport()
+        async with serve(handler) as server:
+            with suppress(httpx.HTTPError):
+                await fetch(transport, request("GET", server.url, read=read))
+            await transport.aclose()
+        for _ in range(10):  # connection_lost runs from the loop, soon after the close
+            await asyncio.sleep(0)
+
+    gc.collect()
+    gc.disable()
+    try:
+        for handler in (cut, garbage, smuggles):
+            await one_case(handler)
+        await one_case(sends_one_event_then_waits, read=0.1)  # a read timeout mid-stream
+        await one_case(answers_nothing, read=0.1)  # and before the head
+        left = [o for o in gc.get_objects() if isinstance(o, _Connection)]
+    finally:
+        gc.enable()
+    assert left == []
+
+
+def test_the_target_goes_out_exactly_as_given(run: Run) -> None:
+    run(_the_target_goes_out_exactly_as_given())
+
+
+async def _the_target_goes_out_exactly_as_given() -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        while await read_request(reader, s) is not None:
+            writer.write(ok(b"ok"))
+
+    transport = H1Transport()
+    async with serve(handler) as server:
+        verbatim = request("GET", server.url)
+        verbatim.extensions["target"] = b"/v1/./x//y/%2e/z?q=%2F&r=./"
+        await fetch(transport, verbatim)
+        for bad in (b"/v1/a b", b"/v1/\xc3\xa9", b"/v1/a\r\nx-evil: 1", b""):
+            refused = request("GET", server.url)
+            refused.extensions["target"] = bad
+            with pytest.raises(httpx.LocalProtocolError):
+                await transport.handle_async_request(refused)
+    await transport.aclose()
+    assert [head.split(b"\r\n")[0] for head, _ in server.requests] == [
+        b"GET /v1/./x//y/%2e/z?q=%2F&r=./ HTTP/1.1"
+    ]

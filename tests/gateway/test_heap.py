@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gateway.heap import WORTH_TRIMMING, HeapTrimmer
-from tests.fixtures.gateway import rss_mib
+from loadtests.procs import rss_mib
 
 pytestmark = pytest.mark.skipif(not HeapTrimmer(1).available, reason="no malloc_trim here")
 

@@ -35,7 +35,7 @@ WORKER = textwrap.dedent(
     for index in range(requests):
         duration = durations[index % len(durations)]
         metrics.tally.relayed(
-            "ok", 200, streamed=index % 2 == 0, sent_at=100.0, headers_at=100.5,
+            "ok", 200, streamed=index % 2 == 0, admitted_at=100.0, sent_at=100.0, headers_at=100.5,
             ended=100.0 + duration,
         )
         reference.labels("true" if index % 2 == 0 else "false").observe(duration)

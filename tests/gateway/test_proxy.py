@@ -14,7 +14,8 @@ import pytest
 
 from ipc.namespace import usage
 from loadtests.fake_upstream import FakeUpstream
-from tests.fixtures.gateway import GatewayProcess, rss_mib
+from loadtests.procs import rss_mib
+from tests.fixtures.gateway import GatewayProcess
 
 MESSAGE = {
     "model": "claude-test",

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest, error_body
 from gateway.headers import client_response_headers, gateway_token, upstream_request_headers
-from gateway.paths import has_traversal, upstream_url
+from gateway.paths import has_traversal, upstream_target
 from gateway.settings import (
     Secret,
     Settings,
@@ -20,7 +20,7 @@ from gateway.settings import (
     namespace_prefix,
     parse_global_cap,
 )
-from gateway.upstream import URL_CACHE_SIZE, Upstream
+from gateway.upstream import Upstream
 from ipc.naming import validate_namespace
 
 # -- headers ----------------------------------------------------------------------------
@@ -42,13 +42,18 @@ def test_request_headers_keep_the_allow_list_and_inject_the_key() -> None:
     ]
     out = upstream_request_headers(client, api_key="sk-ant-test-1")
     assert out == [
-        ("Accept", "application/json"),
-        ("anthropic-version", "2023-06-01"),
-        ("anthropic-beta", "a,b"),
-        ("content-type", "application/json"),
-        ("user-agent", "sdk/1"),
-        ("x-api-key", "sk-ant-test-1"),
+        (b"Accept", b"application/json"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"a,b"),
+        (b"content-type", b"application/json"),
+        (b"user-agent", b"sdk/1"),
+        (b"x-api-key", b"sk-ant-test-1"),
     ]
+
+
+def test_request_header_values_outside_ascii_stay_raw_bytes() -> None:
+    client = [(b"user-agent", "\u2713 client".encode()), (b"anthropic-beta", b"caf\xe9")]
+    assert upstream_request_headers(client, api_key="sk-ant-test-1")[:2] == client
 
 
 def test_response_headers_keep_content_ids_retry_hints_and_anthropic_ones() -> None:
@@ -98,12 +103,19 @@ def test_error_body_is_the_anthropic_envelope() -> None:
 # -- paths ------------------------------------------------------------------------------
 
 
-def test_upstream_url_keeps_path_and_query_verbatim() -> None:
+def test_upstream_target_keeps_path_and_query_verbatim() -> None:
     assert (
-        upstream_url("https://api", b"/v1/files/a%3Fb%2Fc", b"x=%2F&y=a+b")
-        == "https://api/v1/files/a%3Fb%2Fc?x=%2F&y=a+b"
+        upstream_target(b"/v1/files/a%3Fb%2Fc", b"x=%2F&y=a+b")
+        == b"/v1/files/a%3Fb%2Fc?x=%2F&y=a+b"
     )
-    assert upstream_url("https://api", b"/v1/messages", b"") == "https://api/v1/messages"
+    assert upstream_target(b"/v1/messages", b"") == b"/v1/messages"
+    assert upstream_target(b"/v1/./x//y/%2e/z", b"q=.") == b"/v1/./x//y/%2e/z?q=."
+
+
+@pytest.mark.parametrize(("path", "query"), [(b"/v1/caf\xc3\xa9", b""), (b"/v1/x", b"q=\xe9")])
+def test_a_target_outside_ascii_is_refused_naming_the_rule(path: bytes, query: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="must be ASCII: percent-encode"):
+        upstream_target(path, query)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +133,7 @@ def test_upstream_url_keeps_path_and_query_verbatim() -> None:
 def test_traversal_is_refused(path: bytes) -> None:
     assert has_traversal(path)
     with pytest.raises(InvalidRequest):
-        upstream_url("https://api", path, b"")
+        upstream_target(path, b"")
 
 
 @pytest.mark.parametrize("path", [b"/v1/messages", b"/v1/a..b", b"/v1/...", b"/v1/.x", b"/v1/%2e"])
@@ -209,6 +221,11 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
         assert Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": kind}).upstream_transport == kind
     with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_TRANSPORT must be one of h1"):
         Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": "curl"})
+    assert settings.request_body_timeout == 30.0
+    assert Settings.from_env({"GATEWAY_REQUEST_BODY_TIMEOUT": "2.5"}).request_body_timeout == 2.5
+    for bad in ("0", "-1", "slow", "nan"):
+        with pytest.raises(SettingsError, match="GATEWAY_REQUEST_BODY_TIMEOUT"):
+            Settings.from_env({"GATEWAY_REQUEST_BODY_TIMEOUT": bad})
 
 
 def test_metrics_settings_and_the_workers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,17 +257,19 @@ def test_metrics_settings_and_the_workers_environment(monkeypatch: pytest.Monkey
     assert "PROMETHEUS_MULTIPROC_DIR" not in worker_environment(off)
 
 
-async def test_upstream_urls_are_parsed_once_and_the_cache_stays_bounded() -> None:
-    upstream = Upstream(Settings.from_env({"GATEWAY_DATA_DIR": "/srv/gw"}))
+@pytest.mark.parametrize(
+    ("base", "prefix"), [("http://u", b""), ("http://u/anthropic", b"/anthropic")]
+)
+async def test_upstream_requests_carry_the_target_verbatim_on_one_parsed_base(
+    base: str, prefix: bytes
+) -> None:
+    upstream = Upstream(Settings.from_env({"GATEWAY_DATA_DIR": "/srv/gw"}, upstream_url=base))
     try:
-        first = upstream.request("POST", "http://u/v1/messages?beta=true", headers=[], body=b"")
-        again = upstream.request("GET", "http://u/v1/messages?beta=true", headers=[], body=b"")
-        assert first.url == again.url and list(upstream._urls) == [str(first.url)]
-        assert str(first.url) == "http://u/v1/messages?beta=true"
-        for n in range(URL_CACHE_SIZE * 3):
-            url = f"http://u/v1/files/file_{n}?x=%2F"
-            assert str(upstream.request("GET", url, headers=[], body=b"").url) == url
-            assert len(upstream._urls) <= URL_CACHE_SIZE
+        first = upstream.request("POST", b"/v1/./messages?beta=true", headers=[], body=b"")
+        again = upstream.request("GET", b"/v1//files/%2e", headers=[], body=b"")
+        assert first.url == again.url == upstream.base
+        assert first.extensions["target"] == prefix + b"/v1/./messages?beta=true"
+        assert again.extensions["target"] == prefix + b"/v1//files/%2e"
     finally:
         await upstream.aclose()
 

@@ -24,6 +24,7 @@ import pytest
 
 from loadtests.fake_upstream import FakeUpstream
 from storage import repository
+from storage.crypto import MasterKey
 from storage.engine import bind_engine, create_engine
 from storage.tables import TABLES
 from tests.fixtures.databases import (
@@ -32,10 +33,15 @@ from tests.fixtures.databases import (
     _create_postgres_database,
     _run_in_thread,
 )
-from tests.fixtures.gateway import GatewayProcess, module_gateway
+from tests.fixtures.gateway import GatewayProcess, held_streams, module_gateway
 
 PATH = "/api/v1/me/anthropic-key"
-NOT_CONFIGURED = {"configured": False, "configured_at": None, "max_concurrent": None}
+NOT_CONFIGURED = {
+    "configured": False,
+    "configured_at": None,
+    "max_concurrent": None,
+    "in_use": None,
+}
 # Strict RFC 3339 date-time: date, "T", time, optional fraction, and a zone.
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -110,7 +116,10 @@ def status_of(gateway: GatewayProcess, token: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()
-    assert set(body) == {"configured", "configured_at", "max_concurrent"}
+    assert set(body) == {"configured", "configured_at", "max_concurrent", "in_use"}
+    if body["configured"]:
+        # Above the cap only after a lowered one, while the requests admitted before drain.
+        assert type(body["in_use"]) is int and body["in_use"] >= 0
     return body
 
 
@@ -343,6 +352,16 @@ INVALID_BODIES = [
     pytest.param({"key": TOO_LONG}, "key:", "at most 256 characters", id="key-257"),
     pytest.param({"key": "sk-abc123"}, "key:", "must start with 'sk-ant-'", id="key-prefix"),
     pytest.param({"key": "SK-ANT-abc"}, "key:", "must start with 'sk-ant-'", id="key-case"),
+    # It goes out as a header value: what could never be sent, or would write a header
+    # of its own, is refused here rather than stored.
+    pytest.param({"key": "sk-ant-x\r\nX-Evil: 1"}, "key:", "only visible ASCII", id="key-crlf"),
+    pytest.param({"key": "sk-ant-x\nX-Evil: 1"}, "key:", "only visible ASCII", id="key-lf"),
+    pytest.param({"key": "sk-ant-x\u0000y"}, "key:", "only visible ASCII", id="key-nul"),
+    pytest.param({"key": "sk-ant-caf\u00e9"}, "key:", "only visible ASCII", id="key-e-acute"),
+    pytest.param({"key": "sk-ant-x\u2028y"}, "key:", "only visible ASCII", id="key-u2028"),
+    pytest.param({"key": "sk-ant-a b"}, "key:", "only visible ASCII", id="key-space"),
+    pytest.param({"key": "sk-ant-a\tb"}, "key:", "only visible ASCII", id="key-tab"),
+    pytest.param({"key": "sk-ant-a\u007fb"}, "key:", "only visible ASCII", id="key-del"),
     pytest.param({"max_concurrent": 4}, "max_concurrent:", "no Anthropic key configured yet",
                  id="cap-without-key"),
     pytest.param({"key": None, "max_concurrent": 4}, "max_concurrent:",
@@ -607,6 +626,73 @@ def test_no_response_ever_echoes_the_key(api_gateway: GatewayProcess) -> None:
             assert key not in value and token not in value, name
 
 
+# -- requests in flight -----------------------------------------------------------------
+
+
+def test_in_use_is_the_keys_live_request_count_across_workers(api_gateway: GatewayProcess) -> None:
+    token = new_user(api_gateway)
+    assert status_of(api_gateway, token)["in_use"] is None  # no key, nothing to count
+    response = put_json(api_gateway, token, {"key": new_key("busy"), "max_concurrent": 4})
+    assert response.status_code == 204
+    assert status_of(api_gateway, token)["in_use"] == 0  # before any request used the key
+    with held_streams(api_gateway, token, 2):
+        for _ in range(4):  # each read on a new connection: whichever worker answers
+            assert status_of(api_gateway, token)["in_use"] == 2
+        with held_streams(api_gateway, token, 1):
+            assert status_of(api_gateway, token)["in_use"] == 3
+            # A lowered cap: the requests admitted under the old one still count.
+            assert put_json(api_gateway, token, {"max_concurrent": 1}).status_code == 204
+            lowered = status_of(api_gateway, token)
+            assert (lowered["max_concurrent"], lowered["in_use"]) == (1, 3)
+    deadline = time.monotonic() + 10
+    while (in_use := status_of(api_gateway, token)["in_use"]) != 0:
+        assert time.monotonic() < deadline, f"still {in_use} in use after the streams ended"
+        time.sleep(0.05)
+    other = new_user(api_gateway)  # another user's key is counted apart
+    assert put_json(api_gateway, other, {"key": new_key("idle")}).status_code == 204
+    with held_streams(api_gateway, token, 1):
+        assert status_of(api_gateway, other)["in_use"] == 0
+        assert status_of(api_gateway, token)["in_use"] == 1
+async def _user_with_a_stored_key(database_url: str, master_key: str, key: str) -> str:
+    """A user whose key went into the database without the API's checks (as keys stored
+    before the API refused unsendable ones did); returns the user's gateway token."""
+    previous = [(table, table._meta.db) for table in TABLES]
+    engine = create_engine(database_url)  # no pool: this thread's loop ends with the call
+    bind_engine(engine)
+    try:
+        user = await repository.create_user(f"s{uuid.uuid4().hex[:10]}")
+        _record, token = await repository.issue_token(user.id, label="settings test")
+        ciphertext, nonce = MasterKey.from_base64(master_key).encrypt(key, user_id=user.id)
+        await repository.upsert_key(user.id, ciphertext=ciphertext, nonce=nonce, max_concurrent=2)
+        return token
+    finally:
+        for table, db in previous:
+            table._meta.db = db
+
+
+def test_a_stored_key_that_cannot_be_sent_is_reported_as_the_gateways_fault(
+    api_gateway: GatewayProcess, fake_upstream: FakeUpstream
+) -> None:
+    """Never "the upstream is unreachable" for a request that never left: a 500 that says
+    what is wrong and how to mend it, without the key."""
+    key = "sk-ant-test-x\r\nX-Evil: 1"
+    token = _run_in_thread(
+        _user_with_a_stored_key(
+            api_gateway.env["GATEWAY_DATABASE_URL"], api_gateway.env["GATEWAY_MASTER_KEY"], key
+        )
+    )
+    for _ in range(4):  # each on a new connection: both workers
+        response = proxied_models(api_gateway, token)
+        message = error_of(response, 500, "api_error")
+        assert "stored Anthropic key" in message and "visible ASCII" in message, message
+        assert "PUT /api/v1/me/anthropic-key" in message
+        assert "unreachable" not in message
+        assert "X-Evil" not in response.text
+    # Stored again through the API, it works.
+    assert put_json(api_gateway, token, {"key": new_key()}).status_code == 204
+    assert proxied_models(api_gateway, token).status_code == 200
+
+
 # -- the schema and health --------------------------------------------------------------
 
 
@@ -622,10 +708,19 @@ def test_openapi_schema_describes_the_settings_api(api_gateway: GatewayProcess) 
     assert body["properties"]["max_concurrent"]["minimum"] == 1
     assert body["properties"]["max_concurrent"]["maximum"] == 256
     assert body["properties"]["key"]["maxLength"] == 256
+    assert body["properties"]["key"]["pattern"] == "^sk-ant-[!-~]*$"
     assert "204" in operations["put"]["responses"]
     status_ref = operations["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     status_schema = schema["components"]["schemas"][status_ref["$ref"].rsplit("/", 1)[-1]]
-    assert set(status_schema["properties"]) == {"configured", "configured_at", "max_concurrent"}
+    assert set(status_schema["properties"]) == {
+        "configured",
+        "configured_at",
+        "max_concurrent",
+        "in_use",
+    }
+    in_use = status_schema["properties"]["in_use"]
+    assert {"integer", "null"} == {kind["type"] for kind in in_use["oneOf"]}
+    assert "in flight" in in_use["description"]
     assert "204" in operations["delete"]["responses"]
     assert "gatewayToken" in schema["components"]["securitySchemes"]
     assert operations["get"]["security"] == [{"gatewayToken": []}]

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from ipc.caps import apply_cap
+from ipc.errors import CredentialGone
 from ipc.gates import Gatekeeper, Permit
 from ipc.ledger import Ledger
 from ipc.namespace import NamespaceClaim
@@ -43,9 +44,13 @@ def run_worker(namespace: str, global_cap: int | None) -> None:
             command = json.loads(line)
             op = command["op"]
             if op == "admit":
-                gate = gatekeeper.credential_gate(
-                    uuid.UUID(command["user"]), command["version"], command["cap"]
-                )
+                try:
+                    gate = gatekeeper.credential_gate(
+                        uuid.UUID(command["user"]), command["version"], command["cap"]
+                    )
+                except CredentialGone:
+                    reply({"admitted": False, "gone": True})
+                    continue
                 result = gatekeeper.admit(gate)
                 if isinstance(result, Permit):
                     permits.append(result)

@@ -157,7 +157,7 @@ def forge_ledger(
             for slot, (gate, held) in enumerate(holdings.items()):
                 offset = header.size + slot * slot_bytes
                 count.pack_into(view, offset, held)
-                view[offset + count.size : offset + slot_bytes] = gate.encode().ljust(
+                view[offset + ledger_module._NAME_AT : offset + slot_bytes] = gate.encode().ljust(
                     name_bytes, b"\0"
                 )
     finally:

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import fcntl
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Callable
 
 import posix_ipc
+import pytest
 
 from ipc import caps as caps_module
-from ipc.caps import CapState, apply_cap, read_records, read_state, resume_resize
+from ipc.audit import Audit
+from ipc.caps import (
+    CapState,
+    apply_cap,
+    mark_deleted,
+    open_credential_gate,
+    read_records,
+    read_state,
+    resume_resize,
+    sweep_deleted,
+)
+from ipc.errors import CredentialGone
 from ipc.gates import Gatekeeper, Permit, Rejected
+from ipc.namespace import held_by_ledgers
 from ipc.naming import cap_record_name, credential_debt_name, credential_gate_name
-from tests.ipc.conftest import OtherProcess, sem_value
+from tests.fixtures.gateway import shm_leftovers
+from tests.ipc.conftest import ROOT, OtherProcess, sem_value
 
 
 def admit_many(keeper: Gatekeeper, user: uuid.UUID, version: int, cap: int, n: int) -> list[Permit]:
@@ -187,3 +206,90 @@ def test_a_fresh_gate_starts_full_at_the_stored_cap(gatekeeper: Gatekeeper) -> N
     gate = gatekeeper.credential_gate(user, 5, 3)
     assert gate.state() == CapState(user_id=user, version=5, cap=3, applied=3, free=3, debt=0)
     assert read_records(ns)[user].version == 5
+
+
+# -- creation and deletion against kills and races (found by review) --------------------
+
+KILLED_WHILE_CREATING = textwrap.dedent(
+    """
+    import os, signal, sys, uuid
+    import posix_ipc
+    from ipc.caps import _locked_record
+    from ipc.naming import credential_gate_name
+    ns, user, cap = sys.argv[1], uuid.UUID(sys.argv[2]), int(sys.argv[3])
+    with _locked_record(ns, user):  # as open_credential_gate does for a new credential
+        posix_ipc.Semaphore(
+            credential_gate_name(ns, user), posix_ipc.O_CREAT, mode=0o600, initial_value=cap
+        )
+        os.kill(os.getpid(), signal.SIGKILL)  # killed before the record's magic
+    """
+)
+
+
+def test_a_creator_killed_before_the_record_is_written_leaves_no_wrong_gate(
+    gatekeeper: Gatekeeper,
+) -> None:
+    """The next opener finds a gate full at another cap and no record: it starts afresh."""
+    ns, user = gatekeeper.namespace, uuid.uuid4()
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_CREATING, ns, user.hex, "8"], cwd=ROOT, check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    apply_cap(ns, user, version=2, cap=2)
+    assert len(admitted_now(gatekeeper, user, 2, 2)) == 2
+
+
+@pytest.mark.parametrize("opener", ["apply_cap", "open_credential_gate"])
+def test_a_lock_taken_on_a_removed_record_is_taken_again(
+    gatekeeper: Gatekeeper, monkeypatch: pytest.MonkeyPatch, opener: str
+) -> None:
+    """The record is removed (a deleted user's, swept by the launcher) between an opener
+    opening it by name and getting its lock: the opener locks the name's new record."""
+    ns, user = gatekeeper.namespace, uuid.uuid4()
+    open_credential_gate(ns, user, version=1, cap=4).close()
+    mark_deleted(ns, user)
+    real_flock = fcntl.flock
+    swept: list[bool] = []
+
+    def flock_after_the_sweep(fd: int, operation: int) -> None:
+        if not swept:
+            swept.append(True)
+            assert sweep_deleted(ns, {}) == 1
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_sweep)
+    try:
+        if opener == "apply_cap":
+            apply_cap(ns, user, version=2, cap=2)
+        else:
+            open_credential_gate(ns, user, version=2, cap=2).close()
+    finally:
+        monkeypatch.undo()
+    state = read_state(ns, user)  # a record and its gate, consistent, at the new cap
+    assert state is not None and (state.cap, state.free, state.debt) == (2, 2, 0)
+
+
+def test_a_deleted_users_gate_is_never_opened_again_and_goes_once_free(
+    gatekeeper: Gatekeeper, spawn: Callable[..., OtherProcess]
+) -> None:
+    """`gateway users delete` while this worker holds two permits: a worker holding a row
+    read before the delete cannot open the gate again (no second counter under one name),
+    the audit repairs nothing, and the launcher removes the objects once they are free."""
+    ns, user = gatekeeper.namespace, uuid.uuid4()
+    gate = gatekeeper.credential_gate(user, 1, 3)
+    held = [gatekeeper.admit(gate) for _ in range(2)]
+    mark_deleted(ns, user)
+    other = spawn()
+    assert other.admit(user, 1, 3) == {"admitted": False, "gone": True}
+    with pytest.raises(CredentialGone):
+        apply_cap(ns, user, version=5, cap=1)
+    apply_cap(ns, user, version=5, cap=1, create=False)  # the CLI's: a no-op
+    audit = Audit(ns, interval=1.0)
+    assert audit.run_once(1000.0) + audit.run_once(1001.0) + audit.run_once(1002.0) == []
+    assert sweep_deleted(ns, held_by_ledgers(ns)) == 0  # still held here
+    for permit in held:
+        assert isinstance(permit, Permit)
+        permit.release()
+    gatekeeper.drop_deleted_gates()
+    assert sweep_deleted(ns, held_by_ledgers(ns)) == 1
+    assert [n for n in shm_leftovers(ns) if user.hex in n] == []

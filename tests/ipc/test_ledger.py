@@ -70,10 +70,27 @@ def test_a_slot_is_reused_once_its_count_is_back_to_zero(ipc_namespace: str) -> 
         ledger.record(OTHER)  # takes the freed slot
         snapshot = read_ledger(ledger.name)
         assert snapshot is not None
+        # A slot's operation counter keeps growing across reuse: the audit sees a change.
         assert sorted(snapshot.holdings, key=lambda h: h.slot) == [
-            Holding(slot=0, name=OTHER, count=1),
-            Holding(slot=1, name=SHORT, count=1),
+            Holding(slot=0, name=OTHER, count=1, ops=3),
+            Holding(slot=1, name=SHORT, count=1, ops=1),
         ]
+    finally:
+        ledger.close()
+
+
+def test_every_record_and_unrecord_moves_the_slot_operation_counter(ipc_namespace: str) -> None:
+    ledger = Ledger(ipc_namespace, slots=2)
+    try:
+        ledger.record(SHORT)
+        ledger.record(SHORT)
+        ledger.unrecord(SHORT)
+        ledger.record(SHORT)
+        snapshot = read_ledger(ledger.name)
+        assert snapshot is not None
+        # Back at a count of 2, but four operations later: the audit does not mistake it
+        # for a gate that stood still.
+        assert snapshot.holdings == [Holding(slot=0, name=SHORT, count=2, ops=4)]
     finally:
         ledger.close()
 
