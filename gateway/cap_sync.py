@@ -9,15 +9,21 @@ window: it watches the database's latest cap version, and when it moves (and eve
 records; it finishes any resize a killed process left half-done; it removes the gates of deleted
 users once no worker holds a permit of them; and when it had to change a cap it bumps
 the change counter so that every worker reloads.
+
+Its event loop holds the launcher's one database engine (Piccolo binds tables to one
+engine per process), so other launcher threads run their queries on it with ``call``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from ipc.caps import apply_cap, has_deleted, read_records, resume_resize, sweep_deleted
 from ipc.namespace import bump_generation, held_by_ledgers
@@ -26,6 +32,8 @@ from storage.engine import connected
 from storage.errors import StorageError
 
 log = logging.getLogger("gateway.cap_sync")
+
+T = TypeVar("T")
 
 
 class CapSync(threading.Thread):
@@ -46,9 +54,29 @@ class CapSync(threading.Thread):
         self._latest = -1
         self._last_full = 0.0
         self._down = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
         asyncio.run(self._run())
+
+    def call(self, work: Callable[[], Coroutine[Any, Any, T]], *, timeout: float) -> T:
+        """Run ``work()`` on this thread's loop, with its database, and wait for it
+        (from another thread). Raises ``StorageError`` when the database is not open,
+        or ``TimeoutError``; whatever ``work`` raises comes through."""
+        loop = self._loop
+        if loop is None or self._stop_event.is_set():
+            raise StorageError("the launcher's database connection is not open")
+        coroutine = work()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError:  # the loop closed after our look at it
+            coroutine.close()
+            raise StorageError("the launcher's database connection is not open") from None
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the database did not answer within {timeout:g} s") from None
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -57,18 +85,25 @@ class CapSync(threading.Thread):
     async def _run(self) -> None:
         try:
             async with connected(self.database_url, migrated=False):
-                while not self._stop_event.is_set():
-                    try:
-                        await self.sync_once()
-                    except StorageError as exc:
-                        if not self._down:
-                            log.warning("cap sync cannot read the database: %s", exc)
-                        self._down = True
-                    except Exception:
-                        log.exception("cap sync pass failed")
-                    await asyncio.to_thread(self._stop_event.wait, self.interval)
+                self._loop = asyncio.get_running_loop()
+                try:
+                    await self._loop_until_stopped()
+                finally:
+                    self._loop = None
         except StorageError as exc:
             log.error("cap sync could not open the database: %s", exc)
+
+    async def _loop_until_stopped(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                await self.sync_once()
+            except StorageError as exc:
+                if not self._down:
+                    log.warning("cap sync cannot read the database: %s", exc)
+                self._down = True
+            except Exception:
+                log.exception("cap sync pass failed")
+            await asyncio.to_thread(self._stop_event.wait, self.interval)
 
     async def sync_once(self) -> int:
         """One pass; the number of gates it had to change."""

@@ -151,10 +151,24 @@ def main() -> None:
     help="Seconds a request over a cap may wait in line for a slot before its 429 "
     "[default: GATEWAY_QUEUE_TIMEOUT, or 0: an instant 429].",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the Prometheus endpoint (GET /metrics), apart from the proxy's; 0 turns "
+    "metrics off.  [default: GATEWAY_METRICS_PORT or 9464]",
+)
+@click.option(
+    "--metrics-host",
+    default=None,
+    help="Address of the Prometheus endpoint.  [default: GATEWAY_METRICS_HOST or 127.0.0.1]",
+)
 def serve(
     queue_timeout: float | None,
     loop: str,
     http: str,
+    metrics_port: int | None,
+    metrics_host: str | None,
     host: str,
     port: int,
     workers: int,
@@ -165,9 +179,15 @@ def serve(
     worker_max_rss: int | None,
 ) -> None:
     """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
-    from gateway.launcher import Launcher
+    from gateway.launcher import Launcher, LaunchError
 
-    settings = _settings(host=host, port=port, queue_timeout=queue_timeout)
+    settings = _settings(
+        host=host,
+        port=port,
+        queue_timeout=queue_timeout,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
     configure_logging(settings.log_level)
     options = GranianOptions(
         host=host,
@@ -191,12 +211,18 @@ def serve(
         '      -H "Authorization: Bearer $TOKEN" -H "content-type: application/json" \\\n'
         '      -d \'{"key": "sk-ant-..."}\'\n'
         f"  Claude Code / Anthropic SDKs:      ANTHROPIC_BASE_URL={base} "
-        "ANTHROPIC_API_KEY=$TOKEN",
+        "ANTHROPIC_API_KEY=$TOKEN"
+        + (
+            f"\n  Prometheus metrics:                "
+            f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+            if settings.metrics_port
+            else "\n  Prometheus metrics:                off (--metrics-port 0)"
+        ),
         err=True,
     )
     try:
         code = Launcher(settings, options).run()
-    except (IpcError, StorageError) as exc:
+    except (IpcError, StorageError, LaunchError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 
@@ -442,7 +468,23 @@ def _table(rows: list[_CapRow]) -> list[str]:
     default=None,
     help="Only the gateway whose default namespace is derived from this port.",
 )
-def caps(as_json: bool, namespace: str | None, port: int | None) -> None:
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Refresh every --interval seconds, in place on a terminal (like top), with each "
+    "credential's rejections in the last minute; plain text (or --json lines) per refresh "
+    "when not a terminal. Ctrl-C exits.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes of --watch.",
+)
+def caps(
+    as_json: bool, namespace: str | None, port: int | None, watch: bool, interval: float
+) -> None:
     """Every gate of the running gateway: the global cap and each user's cap, in use,
     free, and requests still to drain after a lowered cap.
 
@@ -450,13 +492,21 @@ def caps(as_json: bool, namespace: str | None, port: int | None) -> None:
     """
     settings = _settings(port=port, ipc_namespace=namespace)
     prefix = namespace_prefix(settings.database_url)
-    if namespace is not None or port is not None:
-        found = [settings.ipc_namespace] if launcher_pid(settings.ipc_namespace) else []
-    else:
-        found = running_namespaces(prefix)
+
+    def find() -> list[str]:
+        if namespace is not None or port is not None:
+            return [settings.ipc_namespace] if launcher_pid(settings.ipc_namespace) else []
+        return running_namespaces(prefix)
+
+    found = find()
+    where = settings.ipc_namespace if namespace or port else f"database {settings.database_url}"
     if not found:
-        where = settings.ipc_namespace if namespace or port else f"database {settings.database_url}"
         raise click.ClickException(f"no running gateway found ({where}); is it running?")
+    if watch:
+        from gateway.caps_watch import run_watch  # rich: the command line only
+
+        run_watch(settings.database_url, find, interval=interval, as_json=as_json, where=where)
+        return
     keys = _with_database(settings, repository.list_key_caps)
     for index, running in enumerate(found):
         rows = _cap_rows(running, keys)

@@ -13,7 +13,9 @@
     ├── UpstreamTimeout                  504     api_error
     └── StorageUnavailableError          503     api_error
 
-Upstream error responses are never wrapped: they pass through unchanged.
+Upstream error responses are never wrapped: they pass through unchanged. Each error also
+names its ``outcome``: the access log's field and the ``outcome`` label of
+``gateway_requests_total``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def error_body(kind: str, message: str) -> bytes:
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     kind: ClassVar[str] = "api_error"
+    outcome: ClassVar[str] = "internal_error"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -55,36 +58,43 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     kind = "invalid_request_error"
+    outcome = "invalid_request"
 
 
 class AuthenticationFailed(GatewayError):
     status = 401
     kind = "authentication_error"
+    outcome = "auth_failed"
 
 
 class NotFound(GatewayError):
     status = 404
     kind = "not_found_error"
+    outcome = "invalid_request"
 
 
 class RequestTimeout(GatewayError):
     status = 408
     kind = "invalid_request_error"  # Anthropic's type for any 4xx it has no own type for
+    outcome = "invalid_request"
 
 
 class PayloadTooLarge(GatewayError):
     status = 413
     kind = "request_too_large"
+    outcome = "invalid_request"
 
 
 class UnsupportedMediaType(GatewayError):
     status = 415
     kind = "invalid_request_error"
+    outcome = "invalid_request"
 
 
 class Overloaded(GatewayError):
     status = 429
     kind = "overloaded_error"
+    outcome = "rejected"
 
 
 class ServerFault(GatewayError):
@@ -95,6 +105,7 @@ class ServerFault(GatewayError):
 class UpstreamUnavailable(GatewayError):
     status = 502
     kind = "api_error"
+    outcome = "upstream_unavailable"
 
 
 class StorageUnavailableError(GatewayError):
@@ -105,3 +116,4 @@ class StorageUnavailableError(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     kind = "api_error"
+    outcome = "upstream_timeout"

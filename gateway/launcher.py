@@ -1,4 +1,4 @@
-"""``gateway serve``: claim the namespace, run the reaper, supervise the Granian server."""
+"""``gateway serve``: claim the namespace, run the reaper, serve metrics, supervise Granian."""
 
 from __future__ import annotations
 
@@ -15,10 +15,20 @@ from types import FrameType
 import msgspec
 
 from gateway.cap_sync import CapSync
+from gateway.metrics.exporter import (
+    GatewayCollector,
+    MetricsServer,
+    ReapedPermits,
+    UserDirectory,
+    build_registry,
+    read_directory,
+)
+from gateway.metrics.folder import MetricsFolder
 from gateway.resources import resolve_master_key
 from gateway.settings import GranianOptions, Settings, namespace_prefix
 from ipc.namespace import NamespaceClaim
-from ipc.reaper import Reaper, reap_once
+from ipc.naming import metrics_dir
+from ipc.reaper import Reaped, Reaper, reap_once
 from storage.engine import connected
 
 log = logging.getLogger("gateway.launcher")
@@ -28,6 +38,12 @@ log = logging.getLogger("gateway.launcher")
 MIN_UPTIME_FOR_RESTART = 10.0
 # Below this many descriptors per worker, warn: each open stream holds two.
 FEW_FILES = 8192
+# How long a scrape waits for the database to name the users.
+DIRECTORY_TIMEOUT = 2.0
+
+
+class LaunchError(Exception):
+    """The launcher cannot start as configured (the message says what to change)."""
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -71,6 +87,12 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     # keeps freed pages for 10 s: a worker's resident memory then climbs with every wave
     # of connections. Returning them after a second holds it near the open streams' need.
     env.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
+    # The workers count into this folder when the metrics endpoint is on, and not at all
+    # when it is off (prometheus_client reads the variable when first imported).
+    if settings.metrics_port:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(settings.ipc_namespace))
+    else:
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     # Validated (and warned about) once here, not once per worker.
     if settings.max_global_concurrent is None:
         env.pop("PROXY_MAX_GLOBAL_CONCURRENT", None)
@@ -85,6 +107,47 @@ class Launcher:
         self.options = options
         self.stopping = False
         self.child: subprocess.Popen[bytes] | None = None
+        self.reaped = ReapedPermits()
+        self.metrics_folder = (
+            MetricsFolder.of(settings.ipc_namespace) if settings.metrics_port else None
+        )
+        self.metrics_url: str | None = None
+
+    def _reaped(self, reaped: list[Reaped]) -> None:
+        """Every reaper pass: count the permits given back, and tidy the dead workers'
+        metrics (prometheus_client's ``mark_process_dead``, then the fold)."""
+        self.reaped.add(reaped)
+        if self.metrics_folder is not None:
+            self.metrics_folder.workers_died([item.pid for item in reaped])
+
+    def _serve_metrics(self, cap_sync: CapSync) -> MetricsServer | None:
+        settings = self.settings
+        if self.metrics_folder is None:
+            return None
+
+        def directory() -> UserDirectory:
+            return cap_sync.call(read_directory, timeout=DIRECTORY_TIMEOUT)
+
+        collector = GatewayCollector(
+            settings.ipc_namespace,
+            folder=self.metrics_folder,
+            reaped=self.reaped,
+            directory=directory,
+        )
+        try:
+            server = MetricsServer(
+                build_registry(collector), settings.metrics_host, settings.metrics_port
+            )
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+                f"({exc.strerror or exc}); set GATEWAY_METRICS_PORT (or --metrics-port) to a "
+                "free port, or to 0 to turn metrics off"
+            ) from None
+        server.start()
+        host = settings.metrics_host
+        self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/metrics"
+        return server
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping = True
@@ -118,18 +181,30 @@ class Launcher:
             global_cap=settings.max_global_concurrent,
             tag=namespace_prefix(settings.database_url),
         ):
-            reaper = Reaper(settings.ipc_namespace, audit_interval=settings.cap_audit_interval)
+            if self.metrics_folder is not None:
+                self.metrics_folder.prepare()
+            reaper = Reaper(
+                settings.ipc_namespace,
+                audit_interval=settings.cap_audit_interval,
+                on_reaped=self._reaped,
+            )
             reaper.start()
             cap_sync = CapSync(settings.ipc_namespace, settings.database_url)
             cap_sync.start()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, self._on_signal)
+            server = None
             try:
+                server = self._serve_metrics(cap_sync)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, self._on_signal)
                 return self._supervise()
             finally:
+                if server is not None:
+                    server.stop()
                 cap_sync.stop()
                 reaper.stop()
-                reap_once(settings.ipc_namespace)
+                self._reaped(reap_once(settings.ipc_namespace))
+                if self.metrics_folder is not None:
+                    self.metrics_folder.remove()
 
     def _supervise(self) -> int:
         while True:
@@ -143,6 +218,7 @@ class Launcher:
                     "namespace": self.settings.ipc_namespace,
                     "global_cap": self.settings.max_global_concurrent,
                     "granian_pid": self.child.pid,
+                    "metrics": self.metrics_url,
                 },
             )
             code = self._wait_child()
@@ -157,7 +233,7 @@ class Launcher:
             # Granian gives up after a worker crash loop. The namespace and every permit
             # survive here: the reaper returns the dead workers' permits; we start again.
             log.error("the Granian server exited (code %s); restarting it", code)
-            reap_once(self.settings.ipc_namespace)
+            self._reaped(reap_once(self.settings.ipc_namespace))
 
     def _wait_child(self) -> int:
         assert self.child is not None

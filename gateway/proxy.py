@@ -34,6 +34,8 @@ from gateway.headers import (
     is_sendable_key,
     upstream_request_headers,
 )
+from gateway.metrics.catalog import CLIENT_CLOSED_STATUS
+from gateway.metrics.tally import RequestTally
 from gateway.paths import upstream_target
 from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
@@ -72,6 +74,7 @@ class ProxyRuntime:
     gatekeeper: Gatekeeper
     upstream: Upstream
     queue: Queue | None  # the waiting lines, when GATEWAY_QUEUE_TIMEOUT is set
+    metrics: RequestTally | None = None  # None: the launcher's metrics endpoint is off
 
 
 class Proxy:
@@ -130,11 +133,14 @@ class Proxy:
                 ) from None
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")
+                if self.runtime.metrics is not None:
+                    self.runtime.metrics.rejected("worker", str(user_id))
                 raise Overloaded(
                     GLOBAL_CAP_MESSAGE, headers=self._retry_headers("worker")
                 ) from None
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
+            admitted_at = time.perf_counter()
             try:
                 body = await (reading if reading is not None else self._read_body(receive))
                 request = self.runtime.upstream.request(
@@ -149,17 +155,21 @@ class Proxy:
                 admitted.release()
                 raise
         except ClientGone:
+            self._answered("client_disconnected", CLIENT_CLOSED_STATUS)
+            _access(method, path, user_id, 0, started, 0, "client_disconnected", waited)
             return
         except GatewayError as err:
             await _send_error(send, err)
-            _access(method, path, user_id, err.status, started, 0, err.kind, waited)
+            self._answered(err.outcome, err.status)
+            _access(method, path, user_id, err.status, started, 0, err.outcome, waited)
             return
         except Exception:
             # Logged with its trace here; the client gets no trace, key or token.
             log.exception("unexpected error before forwarding")
             fault = ServerFault("Internal server error.")
             await _send_error(send, fault)
-            _access(method, path, user_id, fault.status, started, 0, "internal_error")
+            self._answered(fault.outcome, fault.status)
+            _access(method, path, user_id, fault.status, started, 0, fault.outcome)
             return
         relay = self._relay(
             send,
@@ -171,6 +181,7 @@ class Proxy:
             user_id=str(user_id),
             started=started,
             waited=waited,
+            admitted_at=admitted_at,
         )
         # An agent's request body is its whole context (often hundreds of KiB); held here
         # it would live as long as the stream. The relay drops it once it is sent.
@@ -243,6 +254,10 @@ class Proxy:
                 headers={"connection": "close"},
             ) from None
 
+    def _answered(self, outcome: str, status: int) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.answered(outcome, status)
+
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"Request body exceeds the gateway's limit of {self.max_body} bytes."
@@ -250,6 +265,8 @@ class Proxy:
 
     def _overloaded(self, rejected: Rejected, *, user_id: str, path: str) -> Overloaded:
         reason = "global_cap" if rejected.scope == "global" else "per_credential_cap"
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.rejected(rejected.scope, user_id)
         log.warning(
             "request rejected over a concurrency cap",
             extra={"reason": reason, "cap_value": rejected.cap, "user_id": user_id, "path": path},
@@ -282,6 +299,7 @@ class Proxy:
         user_id: str,
         started: float,
         waited: float,
+        admitted_at: float,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -299,7 +317,11 @@ class Proxy:
         response: httpx.Response | None = None
         status = 0
         tally = _Tally()
-        outcome = "ok"
+        # Replaced by how the relay ended; stays only if something unforeseen escapes.
+        outcome = "internal_error"
+        sse = False
+        headers_at = 0.0
+        sent_at = time.perf_counter()
         try:
             try:
                 response = await self.runtime.upstream.send(request)
@@ -313,6 +335,7 @@ class Proxy:
                 raise UpstreamUnavailable(
                     f"The upstream is unreachable ({type(exc).__name__})."
                 ) from exc
+            headers_at = time.perf_counter()
             del request  # sent: the body is not kept for the life of the stream
             status = response.status_code
             headers = client_response_headers(response.headers.raw)
@@ -322,7 +345,8 @@ class Proxy:
             # Each relay ends the response itself and gives the slot back just before the
             # client can see that end, so a client that sends its next request the moment
             # this one ends is never refused by its own finished stream.
-            if _relayed_as_events(headers):
+            sse = _relayed_as_events(headers)
+            if sse:
                 outcome = await _relay_sse(response, send, tally, permit, start)
             else:
                 length = _declared_length(response, method)
@@ -330,7 +354,7 @@ class Proxy:
                     headers.append((b"content-length", b"%d" % length))
                 outcome = await _relay_raw(response, send, tally, permit, start, length)
         except GatewayError as err:
-            status, outcome = err.status, err.kind
+            status, outcome = err.status, err.outcome
             permit.release()
             try:
                 await _send_error(send, err)
@@ -347,6 +371,19 @@ class Proxy:
         finally:
             permit.release()
             watcher.cancel()
+            metrics = self.runtime.metrics
+            if metrics is not None:
+                metrics.relayed(
+                    outcome,
+                    # No status was sent: the client left first (nginx's 499), or something
+                    # unforeseen escaped, which the server answers with a 500.
+                    status or (CLIENT_CLOSED_STATUS if outcome == "client_disconnected" else 500),
+                    streamed=sse,
+                    admitted_at=admitted_at,
+                    sent_at=sent_at,
+                    headers_at=headers_at,
+                    ended=time.perf_counter(),
+                )
             if response is not None:
                 # Shielded: a second cancel must not leave the upstream connection open.
                 await asyncio.shield(response.aclose())
@@ -459,7 +496,7 @@ async def _relay_raw(
         # No end is sent: the server then closes the connection, and the client knows the
         # body is incomplete (a clean end would pass a truncated body off as whole).
         log.warning("upstream body failed after %d bytes: %s", tally.sent, type(exc).__name__)
-        return "upstream_cut"
+        return _failure_outcome(exc)
     if start is not None:
         await send(start)
     await _end(send, permit)
@@ -517,7 +554,7 @@ async def _relay_sse(
             raise _failed_before_body(exc) from exc
         log.warning("upstream stream failed after %d bytes: %s", tally.sent, type(exc).__name__)
         if not whole:
-            return "upstream_cut"  # no end: the client sees the body cut short
+            return _failure_outcome(exc)  # no end: the client sees the body cut short
         frame = (
             b"event: error\ndata: "
             + error_body(
@@ -527,13 +564,18 @@ async def _relay_sse(
         )
         await send({"type": "http.response.body", "body": frame, "more_body": True})
         await _end(send, permit)
-        return "upstream_cut"
+        return _failure_outcome(exc)
     rest = b"".join(held)
     tally.sent += len(rest)
     if start is not None:
         await send(start)
     await _end(send, permit, rest)
     return "ok"
+
+
+def _failure_outcome(exc: httpx.HTTPError) -> str:
+    """A body the upstream stopped sending: cut, or silent past the read-idle timeout."""
+    return "upstream_timeout" if isinstance(exc, httpx.TimeoutException) else "upstream_cut"
 
 
 async def _send_error(send: Send, err: GatewayError) -> None:

@@ -10,6 +10,7 @@ import uuid
 from gateway.credentials import CredentialCache
 from gateway.errors import ServerFault
 from gateway.heap import HeapTrimmer
+from gateway.metrics.tally import WorkerMetrics
 from gateway.proxy import ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
@@ -51,6 +52,7 @@ class WorkerResources(ProxyRuntime):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.master_key: MasterKey | None = None
+        self.worker_metrics: WorkerMetrics | None = None
 
     async def open(self) -> None:
         settings = self.settings
@@ -82,9 +84,15 @@ class WorkerResources(ProxyRuntime):
         self._trimmer = asyncio.get_running_loop().create_task(
             HeapTrimmer(settings.heap_trim_interval).run()
         )
+        if settings.metrics_dir is not None:
+            self.worker_metrics = WorkerMetrics()
+            self.metrics = self.worker_metrics.tally
+            self.worker_metrics.start()
 
     async def close(self) -> None:
         self._trimmer.cancel()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.stop()
         await self.upstream.aclose()
         if self.queue is not None:
             self.queue.close()

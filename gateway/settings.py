@@ -54,6 +54,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_body_timeout: float = 30.0
     queue_timeout: float = 0.0  # 0: over a cap is an instant 429 (no waiting line)
     queue_max_waiters: int = 64
+    # The launcher's Prometheus endpoint; port 0 turns metrics off (workers count nothing).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    # PROMETHEUS_MULTIPROC_DIR: set by the launcher for its workers (None: metrics off).
+    metrics_dir: Path | None = None
 
     @property
     def master_key_file(self) -> Path:
@@ -85,6 +90,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"got {database_url.split(':', 1)[0]!r}"
             )
         port = _int(overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0)
+        metrics_port = _int(
+            overrides["metrics_port"]
+            if overrides.get("metrics_port") is not None
+            else env.get("GATEWAY_METRICS_PORT"),
+            "GATEWAY_METRICS_PORT",
+            9464,
+            lo=0,
+        )
+        if metrics_port > 65535:
+            raise SettingsError(f"GATEWAY_METRICS_PORT must be at most 65535, got {metrics_port}")
+        metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
         raw_key = env.get("GATEWAY_MASTER_KEY")
         namespace = str(
             overrides.get("ipc_namespace")
@@ -141,6 +157,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             queue_max_waiters=_int(
                 env.get("GATEWAY_QUEUE_MAX_WAITERS"), "GATEWAY_QUEUE_MAX_WAITERS", 64, lo=1
             ),
+            metrics_host=str(
+                overrides.get("metrics_host") or env.get("GATEWAY_METRICS_HOST") or "127.0.0.1"
+            ),
+            metrics_port=metrics_port,
+            metrics_dir=Path(metrics_dir) if metrics_dir else None,
         )
 
 

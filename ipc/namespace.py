@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import uuid
 
 import msgspec
@@ -13,7 +14,7 @@ import posix_ipc
 from ipc.caps import mark_deleted, read_state
 from ipc.errors import IpcError, NamespaceBusy
 from ipc.gates import unlink_semaphore
-from ipc.ledger import read_ledger, unlink_ledger
+from ipc.ledger import process_start_time, read_ledger, unlink_ledger
 from ipc.naming import (
     credential_gate_name,
     generation_name,
@@ -24,6 +25,7 @@ from ipc.naming import (
     list_namespaces,
     list_semaphores,
     lock_path,
+    metrics_dir,
     parse_gate_name,
     validate_namespace,
 )
@@ -91,12 +93,17 @@ class NamespaceClaim:
 
 
 def purge(namespace: str) -> int:
-    """Unlink every semaphore, cap record and ledger of the namespace; the count removed."""
+    """Unlink every semaphore, cap record and ledger of the namespace, and remove its
+    metrics folder; the count removed."""
     removed = 0
     for name in list_semaphores(namespace):
         removed += unlink_semaphore(name)
     for name in [*list_ledgers(namespace), *(record for _, record in list_cap_records(namespace))]:
         unlink_ledger(name)  # any shared memory object, by name
+        removed += 1
+    folder = metrics_dir(namespace)
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
         removed += 1
     return removed
 
@@ -224,6 +231,17 @@ def usage(namespace: str) -> list[GateUsage]:
             )
         )
     return rows
+
+
+def live_workers(namespace: str) -> list[int]:
+    """Pids of the workers whose ledger is open and whose process lives (the same one:
+    pid and start time), for the launcher's ``gateway_workers`` gauge."""
+    pids = []
+    for ledger in list_ledgers(namespace):
+        header = read_ledger(ledger, with_holdings=False)
+        if header is not None and process_start_time(header.pid) == header.start_time:
+            pids.append(header.pid)
+    return sorted(pids)
 
 
 def held_by_ledgers(namespace: str) -> dict[str, int]:

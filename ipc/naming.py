@@ -12,6 +12,8 @@ removed together, and two deployments (or two tests) never share one.
     /{ns}.repairs.{scope}  drift repairs the audit made since start (a semaphore as a counter)
     /{ns}.q.g              the global gate's waiting room (free places; ``ipc.queue``)
     /{ns}.q.{user hex}     a credential's waiting room
+    {ns}.metrics/          the workers' Prometheus files (a folder in /dev/shm, see
+                           ``gateway.metrics.folder``)
 
 A credential's names carry its user id alone, never its cap: a cap change resizes the
 same semaphore, so every request in flight, old and new, counts against one counter.
@@ -91,6 +93,13 @@ def waiting_room_name(namespace: str, user_id: uuid.UUID | None) -> str:
 
 def ledger_name(namespace: str, pid: int) -> str:
     return _checked(f"/{namespace}.l.{pid}")
+
+
+def metrics_dir(namespace: str) -> Path:
+    """The folder of the namespace's Prometheus multiprocess files: in /dev/shm, so the
+    workers' mmap'd counters live in memory, and named for the namespace so that it is
+    removed with it."""
+    return SHM_DIR / f"{validate_namespace(namespace)}.metrics"
 
 
 def lock_path(namespace: str) -> Path:

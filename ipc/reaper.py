@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -39,16 +40,23 @@ def reap_once(namespace: str) -> list[Reaped]:
 
 class Reaper(threading.Thread):
     """Runs ``reap_once`` every ``interval`` seconds, and the audit a few times per
-    ``audit_interval`` (0: never), until stopped."""
+    ``audit_interval`` (0: never), until stopped; hands what each pass reaped (often
+    nothing) to ``on_reaped`` (the launcher counts it and tidies the dead workers' metrics)."""
 
     def __init__(
-        self, namespace: str, *, interval: float = 0.2, audit_interval: float = 2.0
+        self,
+        namespace: str,
+        *,
+        interval: float = 0.2,
+        audit_interval: float = 2.0,
+        on_reaped: Callable[[list[Reaped]], None] | None = None,
     ) -> None:
         super().__init__(name=f"reaper-{namespace}", daemon=True)
         self.namespace = namespace
         self.interval = interval
         self.audit_interval = audit_interval
         self.audit = Audit(namespace, interval=audit_interval)
+        self.on_reaped = on_reaped
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -58,12 +66,21 @@ class Reaper(threading.Thread):
         next_audit = time.monotonic() + audit_every
         while not self._stop_event.wait(self.interval):
             try:
-                reap_once(self.namespace)
-                if self.audit_interval > 0 and time.monotonic() >= next_audit:
-                    next_audit = time.monotonic() + audit_every
-                    self.audit.run_once()
+                reaped = reap_once(self.namespace)
             except Exception:  # a bad ledger must not stop the reaper
                 log.exception("reaper pass failed")
+                reaped = []
+            if self.on_reaped is not None:
+                try:
+                    self.on_reaped(reaped)
+                except Exception:
+                    log.exception("handling reaped workers failed")
+            if self.audit_interval > 0 and time.monotonic() >= next_audit:
+                next_audit = time.monotonic() + audit_every
+                try:
+                    self.audit.run_once()
+                except Exception:  # nor a bad gate the audit
+                    log.exception("audit pass failed")
 
     def stop(self) -> None:
         self._stop_event.set()

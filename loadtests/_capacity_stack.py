@@ -71,6 +71,7 @@ class GatewayServer:
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         self.namespace = fresh_namespace()
         self.log_path = workdir / "gateway.log"
         # Nothing inherited from the operator's shell decides where this gateway points.
@@ -83,6 +84,9 @@ class GatewayServer:
             GATEWAY_MASTER_KEY=MasterKey.generate().to_base64(),
             GATEWAY_LOG_LEVEL=log_level,
             GATEWAY_PORT=str(self.port),
+            # Metrics on, as in production, on a port of its own (never the default 9464,
+            # which a real gateway on this host may hold).
+            GATEWAY_METRICS_PORT=str(self.metrics_port),
         )
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
@@ -221,6 +225,23 @@ class GatewayServer:
         response.raise_for_status()
         cap = response.json().get("max_concurrent")
         return cap if isinstance(cap, int) else None
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        """One scrape of the launcher's /metrics, parsed as Prometheus does; None if it
+        does not answer."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            response = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+        }
 
     def caps(self) -> list[dict[str, Any]]:
         """``gateway caps --json``: one object per semaphore of this gateway's namespace."""

@@ -161,6 +161,37 @@ def gates_released(rows: Sequence[Mapping[str, object]], *, global_cap: int | No
     return Check("every semaphore back to its cap after the load", passed, detail)
 
 
+Scraped = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_agree(scraped: Scraped | None, *, rejected_by_scope: Mapping[str, int]) -> Check:
+    """The gateway's /metrics, after the load: every 429 the clients saw counted once, by
+    the cap that refused it, and nothing left in flight."""
+    title = "the gateway's metrics count every 429 the clients saw, and 0 in flight after"
+    if scraped is None:
+        return Check(title, False, "no metrics endpoint answered")
+    counted: dict[str, float] = {}
+    rejected_total = 0.0
+    in_flight_left = 0.0
+    for (name, labels), value in scraped.items():
+        label = dict(labels)
+        if name == "gateway_rejections_total":
+            counted[label.get("scope", "")] = counted.get(label.get("scope", ""), 0.0) + value
+        elif name == "gateway_requests_total" and label.get("outcome") == "rejected":
+            rejected_total += value
+        elif name in ("gateway_in_flight", "gateway_credential_in_flight"):
+            in_flight_left += value
+    wanted = {scope: n for scope, n in rejected_by_scope.items() if scope != "upstream"}
+    got = {scope: round(counted.get(scope, 0.0)) for scope in sorted({*wanted, *counted})}
+    expected = {scope: wanted.get(scope, 0) for scope in got}
+    passed = got == expected and rejected_total == sum(wanted.values()) and in_flight_left == 0
+    detail = (
+        f"rejections by scope {got} (clients saw {expected}); "
+        f"requests_total rejected {rejected_total:.0f}; in flight {in_flight_left:.0f}"
+    )
+    return Check(title, passed, detail)
+
+
 def percentile(values: Sequence[float], fraction: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:

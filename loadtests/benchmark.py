@@ -4,6 +4,7 @@
     python -m loadtests.benchmark --quick         # smaller levels, for a smoke run
     python -m loadtests.benchmark --only gates    # one part: gates, json, ttfb, sse, memory
     python -m loadtests.benchmark --only json --transport h1 --transport aiohttp
+    python -m loadtests.benchmark --only json --metrics both   # worker CPU, metrics on vs off
 
 It starts the fake upstream and a real ``gateway serve`` (all cores as workers, caps on:
 a global cap and per-credential caps of 256 over several users), then measures:
@@ -14,6 +15,11 @@ a global cap and per-credential caps of 256 over several users), then measures:
   ``wrk`` when installed (a Python client saturates before the gateway does), and the
   workers' CPU time per request (steadier than requests/s when everything shares the
   cores); with ``--transport`` given more than once, each upstream transport side by side;
+  with ``--metrics both`` (the default), a gateway with its metrics endpoint on and one with
+  it off (``--metrics-port 0``: the workers count nothing) side by side, and the difference
+  in worker CPU per request (the issue's budget: at most 5% more);
+- metrics: the request path's cost of recording one request, prometheus_client's
+  multiprocess values called directly vs the workers' tallies (``loadtests.metrics_cost``);
 - ttfb: added time to first byte at low load (sequential requests), median and p99;
 - sse, steady: 100..2,000 streams open at every moment (a closed loop of N clients,
   each stream about a second), through the gateway and direct: time to the first text
@@ -74,8 +80,10 @@ class Gateway:
         workers: int,
         global_cap: int | None,
         transport: str = "h1",
+        metrics: bool = True,
     ):
         self.port = _free_port()
+        self.metrics = metrics
         self.url = f"http://127.0.0.1:{self.port}"
         self.namespace = f"bench{uuid.uuid4().hex[:8]}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROXY_"))}
@@ -85,7 +93,10 @@ class Gateway:
             GATEWAY_IPC_NAMESPACE=self.namespace,
             GATEWAY_LOG_LEVEL="WARNING",
             GATEWAY_UPSTREAM_TRANSPORT=transport,
+            # On: its own free port (never a real gateway's 9464); off: the workers count nothing.
+            GATEWAY_METRICS_PORT=str(_free_port()) if metrics else "0",
         )
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
         self.env = env
@@ -157,17 +168,18 @@ def _free_port() -> int:
 
 @contextmanager
 def running(
-    workers: int, transport: str = "h1"
+    workers: int, transport: str = "h1", metrics: bool = True
 ) -> Iterator[tuple[FakeUpstream, Gateway, Gateway, list[str]]]:
     """The fake upstream, a capped gateway and an uncapped one, and tokens for both."""
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp, FakeUpstream.start() as up:
         capped = Gateway(
-            Path(tmp) / "capped", up.url, workers=workers, global_cap=100_000, transport=transport
-        )
+            Path(tmp) / "capped", up.url, workers=workers, global_cap=100_000, transport=transport,
+            metrics=metrics,
+        )  # fmt: skip
         try:
             uncapped = Gateway(
                 Path(tmp) / "uncapped", up.url, workers=workers, global_cap=None,
-                transport=transport,
+                transport=transport, metrics=metrics,
             )  # fmt: skip
             try:
                 tokens = [capped.user(f"bench{i}") for i in range(10)]
@@ -468,7 +480,7 @@ def _pct(values: list[float], pct: int) -> float:
 @click.option("--quick", is_flag=True, help="Small levels and short runs (a smoke run).")
 @click.option(
     "--only",
-    type=click.Choice(["gates", "json", "ttfb", "sse", "memory"]),
+    type=click.Choice(["gates", "metrics", "json", "ttfb", "sse", "memory"]),
     multiple=True,
     help="Run only these parts (repeatable).",
 )
@@ -482,6 +494,16 @@ def _pct(values: list[float], pct: int) -> float:
     help="Upstream transport (repeatable). The first serves every part; json also measures "
     "the others side by side.  [default: h1]",
 )
+@click.option(
+    "--metrics",
+    "metrics_mode",
+    type=click.Choice(["on", "off", "both"]),
+    default="both",
+    show_default=True,
+    help="The gateways' metrics endpoint (off: --metrics-port 0, the workers count nothing). "
+    "both: every part runs with metrics on, and json also measures a gateway with them off, "
+    "side by side.",
+)
 def main(
     workers: int,
     quick: bool,
@@ -489,9 +511,10 @@ def main(
     concurrency: int,
     seconds: int,
     transports: tuple[str, ...],
+    metrics_mode: str,
 ) -> None:
     transports = transports or ("h1",)
-    parts = set(only) or {"gates", "json", "ttfb", "sse", "memory"}
+    parts = set(only) or {"gates", "metrics", "json", "ttfb", "sse", "memory"}
     if quick:
         seconds = min(seconds, 3)
     print(
@@ -501,6 +524,10 @@ def main(
         print("\n## gates: acquire + release through Gatekeeper.admit / Permit.release")
         for label, micros in bench_gates(20_000 if quick else 200_000).items():
             print(f"  {label:<24} {micros:7.2f} µs")
+    if "metrics" in parts:
+        # Its own process: prometheus_client picks multiprocess values when first imported.
+        print()
+        subprocess.run([sys.executable, "-m", "loadtests.metrics_cost"], cwd=ROOT, check=True)
     if parts & {"json", "ttfb", "sse"}:
         measure_traffic(
             parts,
@@ -509,12 +536,16 @@ def main(
             concurrency=concurrency,
             seconds=seconds,
             transports=transports,
+            metrics=metrics_mode != "off",
+            compare_metrics=metrics_mode == "both",
         )
     if "memory" in parts:
-        measure_memory(workers, quick=quick, transport=transports[0])
+        measure_memory(
+            workers, quick=quick, transport=transports[0], metrics=metrics_mode != "off"
+        )
 
 
-def measure_memory(workers: int, *, quick: bool, transport: str) -> None:
+def measure_memory(workers: int, *, quick: bool, transport: str, metrics: bool) -> None:
     # A fresh gateway for each row: a worker's heap keeps its high-water mark.
     print(
         "\n## memory: resident MiB per worker (a fresh gateway each row), with N streams opened"
@@ -526,7 +557,7 @@ def measure_memory(workers: int, *, quick: bool, transport: str) -> None:
     rows.append((f"{levels[-1]:>5} open, 64 KiB request bodies", levels[-1], big))
     print(f"  {'':<34} {'idle':>10} {'at once':>10} {'settled':>10}")
     for label, streams, body in rows:
-        with running(workers, transport) as (_up, fresh, _uncapped, tokens):
+        with running(workers, transport, metrics) as (_up, fresh, _uncapped, tokens):
             idle = fresh_rss(fresh)
             burst, settled = run_client(memory_at(fresh, tokens[:-1], streams, body))
             print(
@@ -551,8 +582,10 @@ def measure_traffic(
     concurrency: int,
     seconds: int,
     transports: tuple[str, ...],
+    metrics: bool,
+    compare_metrics: bool,
 ) -> None:
-    with running(workers, transports[0]) as (up, capped, uncapped, tokens):
+    with running(workers, transports[0], metrics) as (up, capped, uncapped, tokens):
         token, uncapped_token = tokens[0], tokens[-1]
         capped_tokens = tokens[:-1]
         if "json" in parts:
@@ -577,37 +610,64 @@ def measure_traffic(
 
             direct = measure(up.url, "sk-ant-test-direct")
             first = transports[0]
+            state = "metrics on" if metrics else "metrics off"
             rows = [
                 ("direct (fake upstream)", direct),
-                (f"gateway {first}, caps on", measure(capped.url, token, capped)),
+                (f"gateway {first}, caps on, {state}", measure(capped.url, token, capped)),
                 (
-                    f"gateway {first}, no global cap",
+                    f"gateway {first}, no global cap, {state}",
                     measure(uncapped.url, uncapped_token, uncapped),
                 ),
             ]
+            if compare_metrics:
+                # The same gateway with its metrics endpoint off, measured right after.
+                with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+                    gateway = Gateway(
+                        Path(tmp), up.url, workers=workers, global_cap=100_000,
+                        transport=first, metrics=not metrics,
+                    )  # fmt: skip
+                    try:
+                        other = "metrics off" if metrics else "metrics on"
+                        rows.append(
+                            (
+                                f"gateway {first}, caps on, {other}",
+                                measure(gateway.url, gateway.user("t"), gateway),
+                            )
+                        )
+                    finally:
+                        gateway.stop()
             for other in transports[1:]:
                 with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
                     gateway = Gateway(
-                        Path(tmp), up.url, workers=workers, global_cap=100_000, transport=other
-                    )
+                        Path(tmp), up.url, workers=workers, global_cap=100_000, transport=other,
+                        metrics=metrics,
+                    )  # fmt: skip
                     try:
                         rows.append(
                             (
-                                f"gateway {other}, caps on",
+                                f"gateway {other}, caps on, {state}",
                                 measure(gateway.url, gateway.user("t"), gateway),
                             )
                         )
                     finally:
                         gateway.stop()
             print(
-                f"  {'target':<30} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
+                f"  {'target':<42} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
                 f"{'ratio':>5} {'worker CPU/req':>14}"
             )
             for label, row in rows:
                 cpu = f"{row['cpu_us']:11.0f} µs" if "cpu_us" in row else ""
                 print(
-                    f"  {label:<30} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
+                    f"  {label:<42} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
                     f"{row['non_2xx']:7.0f} {row['rps'] / direct['rps']:5.2f} {cpu:>14}"
+                )
+            if compare_metrics:
+                cpu_of = {label: row["cpu_us"] for label, row in rows if "cpu_us" in row}
+                on = cpu_of[f"gateway {first}, caps on, metrics on"]
+                off = cpu_of[f"gateway {first}, caps on, metrics off"]
+                print(
+                    f"  worker CPU per request, metrics on vs off: {on:.0f} µs vs {off:.0f} µs "
+                    f"({(on / off - 1) * 100:+.1f}%; the budget is +5%)"
                 )
         if "ttfb" in parts:
             count = 100 if quick else 400

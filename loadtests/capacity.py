@@ -66,6 +66,7 @@ from loadtests._capacity_verdict import (
     gates_released,
     held_at_cap,
     in_flight,
+    metrics_agree,
     never_above,
     nothing_else_failed,
     percentile,
@@ -584,12 +585,23 @@ def settled_caps(gateway: GatewayServer, plan: Plan, *, within: float) -> Check:
         gevent.sleep(0.2)
 
 
+def settled_metrics(gateway: GatewayServer, tally: Tally, *, within: float) -> Check:
+    """The workers write their counts every second: give them a moment to agree."""
+    deadline = time.monotonic() + within
+    while True:
+        check = metrics_agree(gateway.metrics(), rejected_by_scope=tally.rejections)
+        if check.passed or time.monotonic() > deadline:
+            return check
+        gevent.sleep(0.3)
+
+
 def judge(
     plan: Plan,
     result: LoadResult,
     final: dict[str, Any],
     creds: Credentials,
     gates: Check,
+    metrics: Check,
 ) -> list[Check]:
     keys: dict[str, dict[str, int]] = final["keys"]
 
@@ -655,6 +667,7 @@ def judge(
             f"{final['closed_early']} ended early (dropped, or cut off as a phase ended)",
         ),
         gates,
+        metrics,
     ]
 
 
@@ -730,7 +743,8 @@ def run(plan: Plan) -> int:
         result = drive_load(plan, gateway, fake, creds)
         final = wait_until_idle(fake, within=10.0)
         gates = settled_caps(gateway, plan, within=10.0)
-        checks = judge(plan, result, final, creds, gates)
+        metrics = settled_metrics(gateway, result.tally, within=5.0)
+        checks = judge(plan, result, final, creds, gates, metrics)
         if plan.churn:
             churned = drive_churn(plan, gateway, creds)
             wait_until_idle(fake, within=10.0)

@@ -228,6 +228,35 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
             Settings.from_env({"GATEWAY_REQUEST_BODY_TIMEOUT": bad})
 
 
+def test_metrics_settings_and_the_workers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.launcher import worker_environment
+    from ipc.naming import metrics_dir
+
+    base = {"GATEWAY_DATA_DIR": "/srv/gw", "GATEWAY_IPC_NAMESPACE": "gwtest"}
+    settings = Settings.from_env(base)
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9464)
+    assert settings.metrics_dir is None
+    assert Settings.from_env({**base, "GATEWAY_METRICS_PORT": "0"}).metrics_port == 0
+    # The flag wins over the environment, 0 included.
+    assert (
+        Settings.from_env({**base, "GATEWAY_METRICS_PORT": "9000"}, metrics_port=0).metrics_port
+        == 0
+    )
+    assert Settings.from_env(base, metrics_port=9100, metrics_host="::1").metrics_host == "::1"
+    for bad in ("-1", "metrics", "70000"):
+        with pytest.raises(SettingsError, match="GATEWAY_METRICS_PORT"):
+            Settings.from_env({**base, "GATEWAY_METRICS_PORT": bad})
+    # On: the workers count into the namespace's folder; off: they count nothing, whatever
+    # the launcher's own environment held.
+    environment = worker_environment(settings)
+    assert environment["PROMETHEUS_MULTIPROC_DIR"] == str(metrics_dir("gwtest"))
+    worker = Settings.from_env(environment)
+    assert worker.metrics_dir == metrics_dir("gwtest")
+    off = Settings.from_env({**base, "GATEWAY_METRICS_PORT": "0"})
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/somewhere/else")
+    assert "PROMETHEUS_MULTIPROC_DIR" not in worker_environment(off)
+
+
 @pytest.mark.parametrize(
     ("base", "prefix"), [("http://u", b""), ("http://u/anthropic", b"/anthropic")]
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from loadtests._capacity_verdict import (
     gates_released,
     held_at_cap,
     in_flight,
+    metrics_agree,
     never_above,
     nothing_else_failed,
     percentile,
@@ -144,6 +146,29 @@ def test_every_gate_must_be_back_to_its_cap() -> None:
     assert not gates_released([], global_cap=None).passed
 
 
+def test_the_metrics_must_count_exactly_the_429s_seen() -> None:
+    def scraped(credential: float, global_: float, rejected: float, left: float = 0.0) -> Any:
+        def key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+            return (name, frozenset(labels.items()))
+
+        return {
+            key("gateway_rejections_total", scope="credential", user="a"): credential,
+            key("gateway_rejections_total", scope="global", user="a"): global_,
+            key("gateway_rejections_total", scope="worker", user="a"): 0.0,
+            key("gateway_requests_total", outcome="rejected", code="429"): rejected,
+            key("gateway_requests_total", outcome="ok", code="200"): 50.0,
+            key("gateway_in_flight", scope="global"): left,
+            key("gateway_credential_in_flight", user="a"): 0.0,
+        }
+
+    seen = {"credential": 3, "global": 2, "upstream": 1}  # the upstream's own 429s are not ours
+    assert metrics_agree(scraped(3, 2, 5), rejected_by_scope=seen).passed
+    assert not metrics_agree(scraped(3, 1, 4), rejected_by_scope=seen).passed
+    assert not metrics_agree(scraped(3, 2, 6), rejected_by_scope=seen).passed
+    assert not metrics_agree(scraped(3, 2, 5, left=1), rejected_by_scope=seen).passed
+    assert not metrics_agree(None, rejected_by_scope=seen).passed
+
+
 def test_percentiles_and_the_verdict_line() -> None:
     assert percentile([], 0.5) is None
     assert percentile([float(v) for v in range(1, 101)], 0.99) == 99.0
@@ -175,8 +200,9 @@ def test_a_short_run_passes_every_check() -> None:
     result = capacity(*SHORT_RUN)
     assert result.returncode == 0, result.stdout + result.stderr
     checks = CHECK_LINE.findall(result.stdout)
-    assert len(checks) == 10 and all(verdict == "PASS" for verdict, _ in checks), result.stdout
-    assert "RESULT: PASS (10/10 checks passed)" in result.stdout
+    assert len(checks) == 11 and all(verdict == "PASS" for verdict, _ in checks), result.stdout
+    assert "RESULT: PASS (11/11 checks passed)" in result.stdout
+    assert "PASS  the gateway's metrics count every 429 the clients saw" in result.stdout
     for figure in ("requests", "streams", "200s", "429s", "time to first event", "per second"):
         assert figure in result.stdout
     assert capacity_objects() <= before  # its gateway stopped and freed its namespace

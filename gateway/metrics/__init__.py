@@ -1,0 +1,1 @@
+"""Prometheus metrics: workers tally what they serve, the launcher serves ``/metrics``."""

@@ -1,0 +1,68 @@
+"""Every metric the gateway exports: names, help, labels and buckets, in one place.
+
+The worker tallies (``gateway.metrics.tally``), the launcher's collector
+(``gateway.metrics.exporter``), ``gateway caps --watch`` and the test of the Grafana
+dashboard all read them from here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Slot gauges, read from the semaphores at scrape time by the launcher.
+IN_FLIGHT: Final = "gateway_in_flight"
+GLOBAL_CAP: Final = "gateway_global_cap"
+CREDENTIAL_IN_FLIGHT: Final = "gateway_credential_in_flight"
+CREDENTIAL_CAP: Final = "gateway_credential_cap"
+WORKERS: Final = "gateway_workers"
+REAPED_PERMITS: Final = "gateway_reaped_permits"  # a counter: exported with ``_total``
+
+# Counted by the workers (prometheus_client's multiprocess mode). prometheus_client names
+# a counter's family without ``_total`` and its sample with it.
+REJECTIONS: Final = "gateway_rejections"
+REQUESTS: Final = "gateway_requests"
+REQUEST_DURATION: Final = "gateway_request_duration_seconds"
+UPSTREAM_HEADERS: Final = "gateway_upstream_headers_seconds"
+
+HELP: Final = {
+    IN_FLIGHT: "Permits held now: on the global gate, or (no global cap) in every worker's ledger.",
+    GLOBAL_CAP: "PROXY_MAX_GLOBAL_CONCURRENT (absent when no global cap is set).",
+    CREDENTIAL_IN_FLIGHT: "Requests in flight per user with a stored key (read from its gate).",
+    CREDENTIAL_CAP: "The concurrency cap in force per user with a stored key.",
+    WORKERS: "Live Granian worker processes (those with a ledger).",
+    REAPED_PERMITS: "Permits given back from dead workers' ledgers (one per gate a request held).",
+    REJECTIONS: "Requests refused with a 429 over a cap, by the cap that refused them.",
+    REQUESTS: "Proxied requests by outcome and the HTTP status the client got.",
+    REQUEST_DURATION: "Admitted requests, from admission to the last byte sent.",
+    UPSTREAM_HEADERS: "From sending a request upstream to the upstream's response head.",
+}
+
+REJECTION_SCOPES: Final = ("global", "credential", "worker")
+OUTCOMES: Final = (
+    "ok",
+    "client_disconnected",
+    "upstream_cut",
+    "upstream_timeout",
+    "upstream_unavailable",
+    "rejected",
+    "auth_failed",
+    "invalid_request",
+    "internal_error",
+)
+# nginx's convention: the client left before any status was sent to it.
+CLIENT_CLOSED_STATUS: Final = 499
+
+# LLM traffic: a cached answer in milliseconds, a long agent turn streams for minutes.
+BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def exported_names() -> frozenset[str]:
+    """Every sample name a scrape can show (a histogram's ``_bucket``, ``_sum``, ``_count``)."""
+    names = {IN_FLIGHT, GLOBAL_CAP, CREDENTIAL_IN_FLIGHT, CREDENTIAL_CAP, WORKERS}
+    names |= {f"{REAPED_PERMITS}_total", f"{REJECTIONS}_total", f"{REQUESTS}_total"}
+    for histogram in (REQUEST_DURATION, UPSTREAM_HEADERS):
+        names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
+    return frozenset(names)
