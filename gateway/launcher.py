@@ -133,6 +133,7 @@ class Launcher:
             folder=self.metrics_folder,
             reaped=self.reaped,
             directory=directory,
+            queue_places=settings.queue_max_waiters if settings.queue_timeout > 0 else 0,
         )
         try:
             server = MetricsServer(

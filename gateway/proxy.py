@@ -126,6 +126,15 @@ class Proxy:
                         admitted, reading, waited = await self._wait_in_line(
                             credential.gate, queue, receive
                         )
+                        if self.runtime.metrics is not None and (
+                            not isinstance(admitted, Rejected) or admitted.waited is not None
+                        ):
+                            self.runtime.metrics.waited(
+                                waited,
+                                timed_out_at=admitted.scope
+                                if isinstance(admitted, Rejected)
+                                else None,
+                            )
             except CredentialGone:
                 # Its user was deleted while this request was on its way.
                 raise AuthenticationFailed(

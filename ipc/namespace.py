@@ -16,6 +16,7 @@ from ipc.errors import IpcError, NamespaceBusy
 from ipc.gates import unlink_semaphore
 from ipc.ledger import process_start_time, read_ledger, unlink_ledger
 from ipc.naming import (
+    SHM_DIR,
     credential_gate_name,
     generation_name,
     global_gate_name,
@@ -262,3 +263,25 @@ def _read_pid(path: os.PathLike[str]) -> str:
             return fh.readline().strip()
     except OSError:
         return ""
+
+
+def waiting_by_scope(namespace: str, places: int) -> dict[str, int]:
+    """Requests waiting in line now, across workers: the global gate's line, and every
+    credential's together (``places`` per line; none counted when the queue is off)."""
+    waiting = {"global": 0, "credential": 0}
+    if places <= 0:
+        return waiting
+    prefix = f"sem.{namespace}.q."
+    for entry in SHM_DIR.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        scope = "global" if entry.name == f"{prefix}g" else "credential"
+        try:
+            sem = posix_ipc.Semaphore("/" + entry.name[4:])
+        except posix_ipc.ExistentialError:
+            continue
+        try:
+            waiting[scope] += max(0, places - int(sem.value))
+        finally:
+            sem.close()
+    return waiting

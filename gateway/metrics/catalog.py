@@ -16,6 +16,8 @@ CREDENTIAL_IN_FLIGHT: Final = "gateway_credential_in_flight"
 CREDENTIAL_CAP: Final = "gateway_credential_cap"
 WORKERS: Final = "gateway_workers"
 REAPED_PERMITS: Final = "gateway_reaped_permits"  # a counter: exported with ``_total``
+CAP_REPAIRS: Final = "gateway_cap_repairs"  # a counter, read from the audit's counts
+QUEUE_WAITING: Final = "gateway_queue_waiting"  # read from the waiting rooms' semaphores
 
 # Counted by the workers (prometheus_client's multiprocess mode). prometheus_client names
 # a counter's family without ``_total`` and its sample with it.
@@ -23,6 +25,8 @@ REJECTIONS: Final = "gateway_rejections"
 REQUESTS: Final = "gateway_requests"
 REQUEST_DURATION: Final = "gateway_request_duration_seconds"
 UPSTREAM_HEADERS: Final = "gateway_upstream_headers_seconds"
+QUEUE_WAIT: Final = "gateway_queue_wait_seconds"
+QUEUE_TIMEOUTS: Final = "gateway_queue_timeouts"
 
 HELP: Final = {
     IN_FLIGHT: "Permits held now: on the global gate, or (no global cap) in every worker's ledger.",
@@ -35,6 +39,10 @@ HELP: Final = {
     REQUESTS: "Proxied requests by outcome and the HTTP status the client got.",
     REQUEST_DURATION: "Admitted requests, from admission to the last byte sent.",
     UPSTREAM_HEADERS: "From sending a request upstream to the upstream's response head.",
+    CAP_REPAIRS: "Gates whose count the launcher's audit found drifted and restored.",
+    QUEUE_WAITING: "Requests waiting in line for a slot now (GATEWAY_QUEUE_TIMEOUT), by gate.",
+    QUEUE_WAIT: "Time requests spent in line for a slot, served or refused.",
+    QUEUE_TIMEOUTS: "Requests refused after waiting their whole GATEWAY_QUEUE_TIMEOUT in line.",
 }
 
 REJECTION_SCOPES: Final = ("global", "credential", "worker")
@@ -61,8 +69,9 @@ BUCKETS: Final = (
 
 def exported_names() -> frozenset[str]:
     """Every sample name a scrape can show (a histogram's ``_bucket``, ``_sum``, ``_count``)."""
-    names = {IN_FLIGHT, GLOBAL_CAP, CREDENTIAL_IN_FLIGHT, CREDENTIAL_CAP, WORKERS}
+    names = {IN_FLIGHT, GLOBAL_CAP, CREDENTIAL_IN_FLIGHT, CREDENTIAL_CAP, WORKERS, QUEUE_WAITING}
     names |= {f"{REAPED_PERMITS}_total", f"{REJECTIONS}_total", f"{REQUESTS}_total"}
-    for histogram in (REQUEST_DURATION, UPSTREAM_HEADERS):
+    names |= {f"{CAP_REPAIRS}_total", f"{QUEUE_TIMEOUTS}_total"}
+    for histogram in (REQUEST_DURATION, UPSTREAM_HEADERS, QUEUE_WAIT):
         names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
     return frozenset(names)

@@ -26,18 +26,21 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.metrics.catalog import (
+    CAP_REPAIRS,
     CREDENTIAL_CAP,
     CREDENTIAL_IN_FLIGHT,
     GLOBAL_CAP,
     HELP,
     IN_FLIGHT,
+    QUEUE_WAITING,
     REAPED_PERMITS,
     REJECTION_SCOPES,
     REJECTIONS,
     WORKERS,
 )
 from gateway.metrics.folder import MetricsFolder
-from ipc.namespace import held_by_ledgers, live_workers, usage
+from ipc.audit import repairs_made
+from ipc.namespace import held_by_ledgers, live_workers, usage, waiting_by_scope
 from ipc.reaper import Reaped
 from storage import repository
 
@@ -83,8 +86,10 @@ class GatewayCollector(Collector):
         folder: MetricsFolder,
         reaped: ReapedPermits,
         directory: Callable[[], UserDirectory],
+        queue_places: int = 0,
     ) -> None:
         self.namespace = namespace
+        self.queue_places = queue_places  # places per line; 0 when the queue is off
         self.folder = folder
         self.reaped = reaped
         self._directory = directory
@@ -120,6 +125,14 @@ class GatewayCollector(Collector):
         reaped = CounterMetricFamily(REAPED_PERMITS, HELP[REAPED_PERMITS])
         reaped.add_metric([], self.reaped.total)
         yield reaped
+        repairs = CounterMetricFamily(CAP_REPAIRS, HELP[CAP_REPAIRS], labels=["scope"])
+        for scope, count in repairs_made(self.namespace).items():
+            repairs.add_metric([scope], count)
+        yield repairs
+        waiting = GaugeMetricFamily(QUEUE_WAITING, HELP[QUEUE_WAITING], labels=["scope"])
+        for scope, count in waiting_by_scope(self.namespace, self.queue_places).items():
+            waiting.add_metric([scope], count)
+        yield waiting
         try:
             counted = self.folder.collect()
         except FileNotFoundError:

@@ -21,6 +21,8 @@ from typing import Any, Final
 from gateway.metrics.catalog import (
     BUCKETS,
     HELP,
+    QUEUE_TIMEOUTS,
+    QUEUE_WAIT,
     REJECTIONS,
     REQUEST_DURATION,
     REQUESTS,
@@ -55,14 +57,31 @@ class _Buckets:
 class RequestTally:
     """What one worker served since the last flush. One event loop writes it: no lock."""
 
-    __slots__ = ("rejections", "requests", "streamed", "unary", "upstream_headers")
+    __slots__ = (
+        "queue_timeouts",
+        "queue_waits",
+        "rejections",
+        "requests",
+        "streamed",
+        "unary",
+        "upstream_headers",
+    )
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.rejections: dict[tuple[str, str], int] = {}
+        self.queue_timeouts: dict[str, int] = {}
         self.streamed = _Buckets()
         self.unary = _Buckets()
         self.upstream_headers = _Buckets()
+        self.queue_waits = _Buckets()
+
+    def waited(self, seconds: float, *, timed_out_at: str | None = None) -> None:
+        """A request left the line: served, or refused (at ``timed_out_at``'s gate)."""
+        self.queue_waits.observe(seconds)
+        if timed_out_at is not None:
+            timeouts = self.queue_timeouts
+            timeouts[timed_out_at] = timeouts.get(timed_out_at, 0) + 1
 
     def answered(self, outcome: str, status: int) -> None:
         """A request answered without being relayed (refused, failed auth, bad input)."""
@@ -125,6 +144,14 @@ class WorkerMetrics:
         self._upstream_headers = _histogram_child(
             Histogram(UPSTREAM_HEADERS, HELP[UPSTREAM_HEADERS], buckets=BUCKETS, registry=None)
         )
+        self._queue_waits = _histogram_child(
+            Histogram(QUEUE_WAIT, HELP[QUEUE_WAIT], buckets=BUCKETS, registry=None)
+        )
+        self._queue_timeouts = Counter(
+            QUEUE_TIMEOUTS, HELP[QUEUE_TIMEOUTS], ["scope"], registry=None
+        )
+        for scope in ("global", "credential"):  # both series from the start, at 0
+            self._queue_timeouts.labels(scope)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -156,10 +183,14 @@ class WorkerMetrics:
             self._requests.labels(outcome, str(status)).inc(count)
         for (scope, user_id), count in rejections.items():
             self._rejections.labels(scope, user_id).inc(count)
+        timeouts, tally.queue_timeouts = tally.queue_timeouts, {}
+        for scope, count in timeouts.items():
+            self._queue_timeouts.labels(scope).inc(count)
         for buckets, child in (
             (tally.streamed, self._streamed),
             (tally.unary, self._unary),
             (tally.upstream_headers, self._upstream_headers),
+            (tally.queue_waits, self._queue_waits),
         ):
             counts, total = buckets.take()
             if any(counts):

@@ -21,6 +21,7 @@ from loadtests.fake_upstream import FakeUpstream
 from tests.fixtures.gateway import GatewayProcess
 from tests.gateway.test_cap_change import Streams, max_in_flight, my_row
 from tests.gateway.test_caps import STREAM, held_per_worker, wait_for
+from tests.gateway.test_metrics import scrape, value
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,9 @@ async def test_planted_drift_is_repaired_once_and_logged(
         assert all(r["level"] == "warning" and r["scope"] == "credential" for r in logs)
         assert repairs_made(gateway.namespace) == {"global": 0, "credential": 2}
         assert "drift repairs since start: 2 (global 0, credential 2)" in gateway.cli("caps").stdout
+        samples = scrape(gateway)
+        assert value(samples, "gateway_cap_repairs_total", scope="credential") == 2
+        assert value(samples, "gateway_cap_repairs_total", scope="global") == 0
 
         glob = posix_ipc.Semaphore(global_gate_name(gateway.namespace, GLOBAL_CAP))
         try:

@@ -16,6 +16,7 @@ from loadtests.fake_upstream import FakeUpstream
 from tests.fixtures.gateway import GatewayProcess
 from tests.gateway.test_cap_change import Streams, max_in_flight, my_row
 from tests.gateway.test_caps import STREAM, held_per_worker, wait_for
+from tests.gateway.test_metrics import scrape, until, value
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,13 @@ async def test_a_waiter_out_of_time_gets_the_429_with_how_long_it_waited(
         await streams.close_all()
     rejected = [r for r in gateway.log_records() if r.get("status") == 429 and "waited_ms" in r]
     assert rejected and rejected[0]["waited_ms"] >= 500
+    samples = await until(
+        gateway,
+        lambda s: value(s, "gateway_queue_timeouts_total", scope="credential") == 1,
+        "the timeout counted",
+    )
+    assert value(samples, "gateway_queue_wait_seconds_count") == 1
+    assert (value(samples, "gateway_queue_wait_seconds_sum") or 0) >= 0.5
 
 
 async def test_over_the_waiter_limit_is_refused_at_once(
@@ -95,6 +103,9 @@ async def test_over_the_waiter_limit_is_refused_at_once(
         waiting = [asyncio.create_task(post_stream(gateway, token, "")) for _ in range(2)]
         await wait_for(lambda: my_row(gateway, "crowd")["in_use"] == 1, 5, "holder")
         await asyncio.sleep(0.5)  # both are in line now
+        samples = scrape(gateway)
+        assert value(samples, "gateway_queue_waiting", scope="credential") == 2
+        assert value(samples, "gateway_queue_waiting", scope="global") == 0
         started = time.monotonic()
         refused = await post_stream(gateway, token, "")
         assert refused.status_code == 429
