@@ -102,9 +102,11 @@ async def test_over_the_waiter_limit_is_refused_at_once(
         await streams.open_many(1)
         waiting = [asyncio.create_task(post_stream(gateway, token, "")) for _ in range(2)]
         await wait_for(lambda: my_row(gateway, "crowd")["in_use"] == 1, 5, "holder")
-        await asyncio.sleep(0.5)  # both are in line now
-        samples = scrape(gateway)
-        assert value(samples, "gateway_queue_waiting", scope="credential") == 2
+        samples = await until(  # both are in line now
+            gateway,
+            lambda s: value(s, "gateway_queue_waiting", scope="credential") == 2,
+            "two waiters in line",
+        )
         assert value(samples, "gateway_queue_waiting", scope="global") == 0
         started = time.monotonic()
         refused = await post_stream(gateway, token, "")
