@@ -23,6 +23,7 @@ from gateway.proxy import Send as ProxySend
 from gateway.resources import WorkerResources
 from gateway.settings import MAX_REQUEST_BODY, Settings
 from gateway.web import settings_page_router
+from ipc.errors import GatesUnavailable
 from storage.engine import ping
 from storage.errors import StorageError
 
@@ -65,8 +66,11 @@ def _unexpected_error(_: Request[Any, Any, Any], exc: Exception) -> Response[byt
     )
 
 
-@get("/healthz", summary="200 when the database answers, 503 when it does not")
-async def healthz() -> Response[bytes]:
+@get(
+    "/healthz",
+    summary="200 when the database (and with Redis gates, Redis) answers, 503 when not",
+)
+async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
     try:
         await ping()
     except StorageError:
@@ -75,6 +79,17 @@ async def healthz() -> Response[bytes]:
             status_code=503,
             media_type="application/json",
         )
+    shared = request.app.state.resources.shared
+    if shared is not None:
+        # A host cut off from Redis refuses every request: a load balancer should know.
+        try:
+            await shared.ping()
+        except GatesUnavailable:
+            return Response(
+                error_body("api_error", "coordination store unreachable"),
+                status_code=503,
+                media_type="application/json",
+            )
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 

@@ -44,12 +44,16 @@ class CapSync(threading.Thread):
         *,
         interval: float = 1.0,
         full_every: float = 10.0,
+        posix: bool = True,
     ) -> None:
         super().__init__(name=f"cap-sync-{namespace}", daemon=True)
         self.namespace = namespace
         self.database_url = database_url
         self.interval = interval
         self.full_every = full_every
+        # False with shared gates (Redis): no semaphores to keep; the thread only hosts
+        # the launcher's database connection (``call``).
+        self.posix = posix
         self._stop_event = threading.Event()
         self._latest = -1
         self._last_full = 0.0
@@ -107,6 +111,8 @@ class CapSync(threading.Thread):
 
     async def sync_once(self) -> int:
         """One pass; the number of gates it had to change."""
+        if not self.posix:
+            return 0
         changed = sum(resume_resize(self.namespace, user) for user in self._half_done())
         if has_deleted(self.namespace):
             sweep_deleted(self.namespace, held_by_ledgers(self.namespace))

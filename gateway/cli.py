@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,10 +15,17 @@ import click
 import msgspec
 
 from gateway.logs import configure_logging
-from gateway.settings import GranianOptions, Settings, SettingsError, namespace_prefix
+from gateway.settings import (
+    GranianOptions,
+    Settings,
+    SettingsError,
+    namespace_prefix,
+    redacted_url,
+)
 from ipc.audit import repairs_made
 from ipc.caps import apply_cap, read_state
-from ipc.errors import CredentialGone, IpcError
+from ipc.errors import CredentialGone, GatesUnavailable, IpcError
+from ipc.leases import CapReading, Redis, Store
 from ipc.namespace import (
     bump_generations,
     held_by_ledgers,
@@ -62,6 +70,9 @@ def _announce_change(
 ) -> None:
     """Running gateways over this database apply a cap change at once and drop their
     caches on their next request."""
+    if settings.gates_url is not None:
+        _announce_shared(settings, deleted_user=deleted_user, cap_change=cap_change)
+        return
     if cap_change is not None and cap_change.current is not None:
         for namespace in running_namespaces(
             namespace_prefix(settings.database_url), explicit=settings.ipc_namespace
@@ -80,6 +91,66 @@ def _announce_change(
     if deleted_user is not None:
         for namespace in namespaces:
             unlink_user_gates(namespace, deleted_user)
+
+
+def _shared_store(settings: Settings) -> Store:
+    assert settings.gates_url is not None
+    return Store(
+        settings.gates_url.reveal(), settings.gates_prefix, lease_seconds=settings.lease_seconds
+    )
+
+
+def _check_shared_gates(settings: Settings) -> None:
+    """With shared gates, refuse a change (before anything is committed) while the store
+    that tells every host about it does not answer."""
+    if settings.gates_url is None:
+        return
+    store = _shared_store(settings)
+
+    async def ping(client: Redis) -> None:
+        await client.ping()
+
+    try:
+        store.run(ping)
+    except GatesUnavailable as exc:
+        raise click.ClickException(
+            f"the coordination store {redacted_url(settings.gates_url.reveal())} does not "
+            f"answer ({exc}); nothing was changed"
+        ) from None
+
+
+def _announce_shared(
+    settings: Settings,
+    *,
+    deleted_user: uuid.UUID | None,
+    cap_change: repository.KeyChange | None,
+) -> None:
+    """Push a cap (by version) and move Redis's change counter: every worker on every
+    host reloads before its next admission."""
+    store = _shared_store(settings)
+    cap = None
+    if cap_change is not None and cap_change.current is not None:
+        cap = (
+            cap_change.user_id,
+            cap_change.current.cap_version,
+            cap_change.current.max_concurrent,
+        )
+
+    async def work(client: Redis) -> int:
+        return await store.announce(client, cap=cap, deleted_user=deleted_user)
+
+    for attempt in range(5):
+        try:
+            store.run(work)
+            return
+        except GatesUnavailable as exc:
+            if attempt == 4:
+                raise click.ClickException(
+                    "the change is saved in the database, but the coordination store does not "
+                    f"answer ({exc}): gateway hosts may go on trusting what they cached until "
+                    "the next change; run the command again once Redis answers"
+                ) from None
+            time.sleep(0.2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -280,6 +351,7 @@ def users_list() -> None:
 def users_delete(name: str) -> None:
     """Delete user NAME with its tokens and key."""
     settings = _settings()
+    _check_shared_gates(settings)
 
     async def work() -> repository.UserRecord | None:
         user = await repository.get_user(name)
@@ -304,6 +376,7 @@ def users_set_cap(name: str, cap: int) -> None:
     flight and admits nothing new until enough of them have ended.
     """
     settings = _settings()
+    _check_shared_gates(settings)
 
     async def work() -> repository.KeyChange | None:
         user = await repository.get_user(name)
@@ -369,6 +442,7 @@ def tokens_list(name: str | None) -> None:
 def tokens_revoke(token_id: int) -> None:
     """Revoke token TOKEN_ID; running gateways refuse it on their next request."""
     settings = _settings()
+    _check_shared_gates(settings)
     if not _with_database(settings, lambda: repository.revoke_token(token_id)):
         raise click.ClickException(f"no active token with id {token_id}")
     _announce_change(settings)
@@ -431,6 +505,79 @@ def _cap_rows(namespace: str, keys: list[repository.KeyCap]) -> list[_CapRow]:
     return global_rows + credential_rows
 
 
+def _shared_cap_rows(
+    prefix: str, global_cap: int | None, keys: list[repository.KeyCap], readings: list[CapReading]
+) -> list[_CapRow]:
+    """The shared gates as Redis holds them: live leases of every host. A credential no
+    request has used since its last change shows the database's cap."""
+    global_reading, *credential_readings = readings
+    rows = []
+    if global_cap is not None or global_reading.in_use:
+        cap = global_cap if global_cap is not None else global_reading.in_use
+        rows.append(
+            _CapRow(
+                namespace=prefix,
+                name=f"{prefix}g",
+                scope="global",
+                user_id=None,
+                user=None,
+                cap=cap,
+                in_use=global_reading.in_use,
+                free=max(0, cap - global_reading.in_use),
+                to_drain=max(0, global_reading.in_use - cap),
+                held_by_live_workers=global_reading.in_use,
+            )
+        )
+    credential_rows = []
+    for key, reading in zip(keys, credential_readings, strict=True):
+        cap = key.max_concurrent if reading.cap is None else reading.cap
+        credential_rows.append(
+            _CapRow(
+                namespace=prefix,
+                name=f"{prefix}c:{key.user_id.hex}",
+                scope="credential",
+                user_id=str(key.user_id),
+                user=key.user_name,
+                cap=cap,
+                in_use=reading.in_use,
+                free=max(0, cap - reading.in_use),
+                to_drain=max(0, reading.in_use - cap),
+                held_by_live_workers=reading.in_use,
+            )
+        )
+    credential_rows.sort(key=lambda row: (-row.in_use, row.user or ""))
+    return rows + credential_rows
+
+
+def _shared_caps(settings: Settings, *, as_json: bool) -> None:
+    assert settings.gates_url is not None
+    keys = _with_database(settings, repository.list_key_caps)
+    store = _shared_store(settings)
+
+    async def work(client: Redis) -> tuple[int | None, list[CapReading]]:
+        readings = await store.readings(client, [key.user_id for key in keys])
+        return await store.global_cap(client), readings
+
+    try:
+        global_cap, readings = store.run(work)
+    except GatesUnavailable as exc:
+        raise click.ClickException(
+            f"the coordination store {redacted_url(settings.gates_url.reveal())} does not "
+            f"answer: {exc}"
+        ) from None
+    rows = _shared_cap_rows(settings.gates_prefix, global_cap, keys, readings)
+    if as_json:
+        for row in rows:
+            click.echo(msgspec.json.encode(row))
+        return
+    click.echo(
+        f"caps shared through Redis {redacted_url(settings.gates_url.reveal())}, prefix "
+        f"{settings.gates_prefix!r} (every host's requests in flight)"
+    )
+    for line in _table(rows):
+        click.echo(line)
+
+
 def _table(rows: list[_CapRow]) -> list[str]:
     header = ("scope", "user", "cap", "in use", "free", "to drain")
     cells = [
@@ -488,9 +635,13 @@ def caps(
     """Every gate of the running gateway: the global cap and each user's cap, in use,
     free, and requests still to drain after a lowered cap.
 
-    Exits with status 1 when no running gateway is found.
+    Exits with status 1 when no running gateway is found. With Redis gates
+    (GATEWAY_GATES_URL) it reads Redis: every host's requests in flight.
     """
     settings = _settings(port=port, ipc_namespace=namespace)
+    if settings.gates_url is not None:
+        _shared_caps(settings, as_json=as_json)
+        return
     prefix = namespace_prefix(settings.database_url)
 
     def find() -> list[str]:

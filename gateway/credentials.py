@@ -5,6 +5,13 @@ read from the database only on a miss. A change made anywhere (a settings PUT or
 in another worker, a token revoked from the command line) bumps the namespace's change
 counter; every request compares it before trusting the cache, so every worker sees the
 change on its next request.
+
+With shared gates (Redis) the counter lives in Redis and comes back with each admission:
+every cached credential carries the counter it was read under, and an admission with an
+older one is answered ``Stale`` (nothing taken). ``admit_shared`` then reads the
+credential again (the counter it now knows was learned before that read, so the read sees
+every change counted) and admits again: a credential cached before a revocation committed
+on any host is never trusted.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import uuid
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
 from ipc.caps import CredentialGate
-from ipc.errors import CredentialGone
-from ipc.gates import Gatekeeper
+from ipc.errors import CredentialGone, GatesUnavailable
+from ipc.gates import Gatekeeper, Permit, Rejected
+from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale
 from storage import repository
 from storage.crypto import MasterKey
 from storage.errors import DecryptionError, StorageError
@@ -27,12 +35,16 @@ NO_KEY_MESSAGE = (
     "No Anthropic API key is configured for this gateway user. Set one with "
     'PUT /api/v1/me/anthropic-key {"key": "sk-ant-..."}.'
 )
+# Reloads in a row before an admission gives up: each follows a change committed anywhere.
+MAX_RELOADS = 4
 
 
 class ResolvedCredential:
     __slots__ = ("api_key", "gate", "user_id")
 
-    def __init__(self, user_id: uuid.UUID, api_key: str, gate: CredentialGate) -> None:
+    def __init__(
+        self, user_id: uuid.UUID, api_key: str, gate: CredentialGate | LeaseGate
+    ) -> None:
         self.user_id = user_id
         self.api_key = api_key
         self.gate = gate
@@ -40,7 +52,11 @@ class ResolvedCredential:
 
 class CredentialCache:
     def __init__(
-        self, gatekeeper: Gatekeeper, master_key: MasterKey | None, *, max_entries: int = 10_000
+        self,
+        gatekeeper: Gatekeeper | RedisGatekeeper,
+        master_key: MasterKey | None,
+        *,
+        max_entries: int = 10_000,
     ) -> None:
         self._gatekeeper = gatekeeper
         self._master_key = master_key
@@ -48,7 +64,7 @@ class CredentialCache:
         self._entries: dict[str, ResolvedCredential] = {}
         self._generation = gatekeeper.generation()
 
-    def _sync(self) -> int:
+    def _sync(self) -> int | str:
         generation = self._gatekeeper.generation()
         if generation != self._generation:
             self._entries.clear()
@@ -63,6 +79,26 @@ class CredentialCache:
         if entry is not None:
             return entry
         return await self._load(token_hash)
+
+    async def admit_shared(
+        self, token: str, credential: ResolvedCredential, *, within: float = 0.0
+    ) -> tuple[ResolvedCredential, Permit | Rejected]:
+        """Shared gates: admit ``credential`` (waiting up to ``within`` seconds for a slot,
+        with the wait queue on), reading it again first whenever a change was committed
+        anywhere since it was read; the credential admitted (maybe a newer reading: another
+        key, or a refusal if its token was revoked) and the answer."""
+        gates = self._gatekeeper
+        assert isinstance(gates, RedisGatekeeper)
+        for _ in range(MAX_RELOADS):
+            gate = credential.gate
+            assert isinstance(gate, LeaseGate)
+            admitted = await (
+                gates.admit_waiting(gate, within=within) if within > 0 else gates.admit(gate)
+            )
+            if not isinstance(admitted, Stale):
+                return credential, admitted
+            credential = await self.resolve(token)
+        raise GatesUnavailable("changes kept landing while the credential was read")
 
     async def _load(self, token_hash: str) -> ResolvedCredential:
         while True:

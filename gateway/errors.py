@@ -11,7 +11,8 @@
     ├── ServerFault                      500     api_error (master key missing, decryption)
     ├── UpstreamUnavailable              502     api_error
     ├── UpstreamTimeout                  504     api_error
-    └── StorageUnavailableError          503     api_error
+    ├── StorageUnavailableError          503     api_error
+    └── CoordinationUnavailable          503     api_error (Redis gates: + retry-after)
 
 Upstream error responses are never wrapped: they pass through unchanged. Each error also
 names its ``outcome``: the access log's field and the ``outcome`` label of
@@ -117,3 +118,10 @@ class UpstreamTimeout(GatewayError):
     status = 504
     kind = "api_error"
     outcome = "upstream_timeout"
+
+
+class CoordinationUnavailable(GatewayError):
+    """The shared gates' store (Redis) does not answer: fail closed, never count per host."""
+
+    status = 503
+    kind = "api_error"

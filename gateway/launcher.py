@@ -25,7 +25,9 @@ from gateway.metrics.exporter import (
 )
 from gateway.metrics.folder import MetricsFolder
 from gateway.resources import resolve_master_key
-from gateway.settings import GranianOptions, Settings, namespace_prefix
+from gateway.settings import GranianOptions, Settings, namespace_prefix, redacted_url
+from ipc.errors import GatesUnavailable
+from ipc.leases import Store
 from ipc.namespace import NamespaceClaim
 from ipc.naming import metrics_dir
 from ipc.reaper import Reaped, Reaper, reap_once
@@ -99,6 +101,47 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     else:
         env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(settings.max_global_concurrent)
     return env
+
+
+def wait_for_shared_gates(settings: Settings) -> None:
+    """Shared gates: the store must answer at start (a clear error, not a server that
+    only answers 503), and when it has just lost its data (or is new) admission waits one
+    lease time for the live leases of every host to be renewed: wait here instead."""
+    assert settings.gates_url is not None
+    store = Store(
+        settings.gates_url.reveal(), settings.gates_prefix, lease_seconds=settings.lease_seconds
+    )
+    where = redacted_url(settings.gates_url.reveal())
+    try:
+        started = store.start(settings.max_global_concurrent)
+    except GatesUnavailable as exc:
+        raise GatesUnavailable(
+            f"GATEWAY_GATES_URL: the coordination store {where} does not answer: {exc}"
+        ) from None
+    log.info(
+        "caps are shared through Redis",
+        extra={
+            "gates": where,
+            "prefix": settings.gates_prefix,
+            "lease_seconds": settings.lease_seconds,
+        },
+    )
+    if started.recorded and started.previous_cap != settings.max_global_concurrent:
+        log.warning(
+            "another gateway on this Redis prefix started with PROXY_MAX_GLOBAL_CONCURRENT=%s, "
+            "this one with %s: run every host with the same global cap (each host enforces "
+            "its own against the shared count)",
+            started.previous_cap,
+            settings.max_global_concurrent,
+        )
+    if started.wait > 0:
+        log.warning(
+            "the coordination store holds no state for prefix %r (new, or it lost its data): "
+            "admission starts in %.1f s, once every live lease has been renewed",
+            settings.gates_prefix,
+            started.wait,
+        )
+        time.sleep(started.wait)
 
 
 class Launcher:
@@ -177,20 +220,29 @@ class Launcher:
             log.info("open-file limit raised from %d to %d", before, after)
         asyncio.run(prepare_database(settings))
         resolve_master_key(settings)
+        if settings.gates_url is not None:
+            wait_for_shared_gates(settings)
         with NamespaceClaim(
             settings.ipc_namespace,
-            global_cap=settings.max_global_concurrent,
+            # With shared gates the caps live in Redis; the namespace keeps the lock and the
+            # change counter (the command line finds a running gateway by them).
+            global_cap=None if settings.shared_gates else settings.max_global_concurrent,
             tag=namespace_prefix(settings.database_url),
         ):
             if self.metrics_folder is not None:
                 self.metrics_folder.prepare()
+            shared = settings.shared_gates
+            # With shared gates, leases need no reaper (they expire), no audit (the count is
+            # the set of leases) and no cap sync (a reloading worker pushes the row it
+            # read); the reaper's thread still tidies dead workers' metrics, and the cap
+            # sync's thread still hosts the database the metrics' user names come from.
             reaper = Reaper(
                 settings.ipc_namespace,
-                audit_interval=settings.cap_audit_interval,
+                audit_interval=0 if shared else settings.cap_audit_interval,
                 on_reaped=self._reaped,
             )
             reaper.start()
-            cap_sync = CapSync(settings.ipc_namespace, settings.database_url)
+            cap_sync = CapSync(settings.ipc_namespace, settings.database_url, posix=not shared)
             cap_sync.start()
             server = None
             try:

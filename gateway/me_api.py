@@ -166,7 +166,7 @@ class AnthropicKeyController(Controller):
         resources: WorkerResources = request.app.state.resources
         try:
             stored = await repository.key_status(user_id)
-            in_use = resources.credential_in_use(user_id) if stored.configured else None
+            in_use = await resources.credential_in_use(user_id) if stored.configured else None
         except StorageError as exc:
             raise _storage_down(exc) from exc
         return KeyStatusBody(
@@ -196,6 +196,7 @@ class AnthropicKeyController(Controller):
             raise UnsupportedMediaType("content-type: must be application/json")
         update = parse_key_update(await request.body())
         resources: WorkerResources = request.app.state.resources
+        await resources.before_change()
         try:
             if update.key is None:
                 assert update.max_concurrent is not None
@@ -216,14 +217,15 @@ class AnthropicKeyController(Controller):
                 )
         except StorageError as exc:
             raise _storage_down(exc) from exc
-        resources.key_changed(change)
+        await resources.key_changed(change)
 
     @delete(summary="Remove the stored Anthropic key (idempotent)")
     async def remove(self, request: Request[Any, Any, State]) -> None:
         user_id = await authenticated_user(request)
+        resources: WorkerResources = request.app.state.resources
+        await resources.before_change()
         try:
             change = await repository.delete_key(user_id)
         except StorageError as exc:
             raise _storage_down(exc) from exc
-        resources: WorkerResources = request.app.state.resources
-        resources.key_changed(change)
+        await resources.key_changed(change)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Final
 
 import httpx
 
-from gateway.credentials import CredentialCache
+from gateway.credentials import CredentialCache, ResolvedCredential
 from gateway.errors import (
     AuthenticationFailed,
+    CoordinationUnavailable,
     GatewayError,
     Overloaded,
     PayloadTooLarge,
@@ -40,7 +41,7 @@ from gateway.paths import upstream_target
 from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
 from ipc.caps import CredentialGate
-from ipc.errors import CredentialGone, LedgerFull
+from ipc.errors import CredentialGone, GatesUnavailable, LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
 from ipc.queue import Queue
 
@@ -55,6 +56,7 @@ access_log = logging.getLogger("gateway.access")
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 OVERLOAD_SCOPE_HEADER: Final = "x-gateway-overloaded-scope"
 GLOBAL_CAP_MESSAGE: Final = "Server is at capacity. Retry shortly."
+COORDINATION_MESSAGE: Final = "The gateway's coordination store is unavailable; retry shortly."
 CREDENTIAL_CAP_MESSAGE: Final = (
     "Too many concurrent requests against this credential (cap: {cap}). Retry shortly."
 )
@@ -117,24 +119,36 @@ class Proxy:
             # the caps bound uploads too (a cap-1 user cannot have four open at once).
             queue = self.runtime.queue
             reading: asyncio.Task[bytes] | None = None
+            queued = False
             try:
-                if queue is None:
-                    admitted = self.runtime.gatekeeper.admit(credential.gate)
-                else:
-                    admitted = self.runtime.gatekeeper.admit_unless_queued(credential.gate, queue)
-                    if isinstance(admitted, Rejected):
-                        admitted, reading, waited = await self._wait_in_line(
-                            credential.gate, queue, receive
-                        )
-                        if self.runtime.metrics is not None and (
-                            not isinstance(admitted, Rejected) or admitted.waited is not None
-                        ):
-                            self.runtime.metrics.waited(
-                                waited,
-                                timed_out_at=admitted.scope
-                                if isinstance(admitted, Rejected)
-                                else None,
+                gate = credential.gate
+                if isinstance(gate, CredentialGate):  # POSIX gates: synchronous, no await
+                    if queue is None:
+                        admitted = self.runtime.gatekeeper.admit(gate)
+                    else:
+                        admitted = self.runtime.gatekeeper.admit_unless_queued(gate, queue)
+                        if isinstance(admitted, Rejected):
+                            queued = True
+                            admitted, reading, waited = await self._wait_in_line(
+                                self.runtime.gatekeeper.admit_waiting(
+                                    gate, queue, within=self.queue_timeout
+                                ),
+                                receive,
                             )
+                elif self.queue_timeout > 0:
+                    # Shared gates with the wait queue: polls Redis while over a cap.
+                    found: list[ResolvedCredential] = []
+                    queued = True
+                    admitted, reading, waited = await self._wait_in_line(
+                        self._admit_shared(token, credential, found), receive
+                    )
+                    credential = found[-1] if found else credential
+                else:
+                    # Shared gates (Redis): one round trip; a credential cached before a
+                    # change committed on any host is read again first (maybe another key).
+                    credential, admitted = await self.runtime.credentials.admit_shared(
+                        token, credential
+                    )
             except CredentialGone:
                 # Its user was deleted while this request was on its way.
                 raise AuthenticationFailed(
@@ -147,6 +161,17 @@ class Proxy:
                 raise Overloaded(
                     GLOBAL_CAP_MESSAGE, headers=self._retry_headers("worker")
                 ) from None
+            except GatesUnavailable:
+                # Fail closed: never a silent fall back to per-host counting. Logged once
+                # per outage by the gates.
+                raise CoordinationUnavailable(
+                    COORDINATION_MESSAGE, headers={"retry-after": self.retry_after}
+                ) from None
+            if queued and self.runtime.metrics is not None:
+                if not isinstance(admitted, Rejected):
+                    self.runtime.metrics.waited(waited, timed_out_at=None)
+                elif admitted.waited is not None:  # timed out in line, not a full line
+                    self.runtime.metrics.waited(waited, timed_out_at=admitted.scope)
             if isinstance(admitted, Rejected):
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
             admitted_at = time.perf_counter()
@@ -197,16 +222,25 @@ class Proxy:
         del request, body
         await relay
 
+    async def _admit_shared(
+        self, token: str, credential: ResolvedCredential, found: list[ResolvedCredential]
+    ) -> Permit | Rejected:
+        """Shared gates, waiting in line: the admission, and in ``found`` the credential it
+        was made with (read again if a change was committed anywhere meanwhile)."""
+        fresh, admitted = await self.runtime.credentials.admit_shared(
+            token, credential, within=self.queue_timeout
+        )
+        found.append(fresh)
+        return admitted
+
     async def _wait_in_line(
-        self, gate: CredentialGate, queue: Queue, receive: Receive
+        self, admission: Coroutine[Any, Any, Permit | Rejected], receive: Receive
     ) -> tuple[Permit | Rejected, asyncio.Task[bytes] | None, float]:
         """Wait for a slot (``GATEWAY_QUEUE_TIMEOUT``) while the body arrives, and leave the
         line at once if the client goes. Returns the admission, the body still being read
         (the caller awaits it, holding the permit) and the seconds waited."""
         started = time.perf_counter()
-        waiting = asyncio.create_task(
-            self.runtime.gatekeeper.admit_waiting(gate, queue, within=self.queue_timeout)
-        )
+        waiting = asyncio.create_task(admission)
         reading: asyncio.Task[bytes] = asyncio.create_task(self._read_body(receive))
         watching: asyncio.Future[Message] | None = None
         try:

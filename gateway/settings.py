@@ -6,9 +6,11 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -51,6 +53,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     heap_trim_interval: float = 1.0  # 0: never trim
     cap_audit_interval: float = 2.0  # 0: no drift audit
+    # GATEWAY_GATES_URL: None = POSIX gates (one host); a redis:// URL = caps shared by
+    # every gateway on every host using the same Redis, database and prefix.
+    gates_url: Secret | None = None
+    gates_prefix: str = "gateway:"
+    lease_seconds: float = 15.0
     request_body_timeout: float = 30.0
     queue_timeout: float = 0.0  # 0: over a cap is an instant 429 (no waiting line)
     queue_max_waiters: int = 64
@@ -63,6 +70,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def master_key_file(self) -> Path:
         return self.data_dir / "master.key"
+
+    @property
+    def shared_gates(self) -> bool:
+        """Caps on Redis leases (several hosts) rather than POSIX semaphores."""
+        return self.gates_url is not None
 
     @property
     def is_sqlite(self) -> bool:
@@ -143,6 +155,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             cap_audit_interval=_float(
                 env.get("GATEWAY_CAP_AUDIT_INTERVAL"), "GATEWAY_CAP_AUDIT_INTERVAL", 2.0, zero=True
             ),
+            gates_url=parse_gates_url(env.get("GATEWAY_GATES_URL")),
+            gates_prefix=_gates_prefix(env.get("GATEWAY_GATES_PREFIX")),
+            lease_seconds=_lease_seconds(env.get("GATEWAY_LEASE_SECONDS")),
             request_body_timeout=_float(
                 env.get("GATEWAY_REQUEST_BODY_TIMEOUT"), "GATEWAY_REQUEST_BODY_TIMEOUT", 30.0
             ),
@@ -180,6 +195,59 @@ def parse_global_cap(raw: str | None) -> int | None:
             raw,
         )
         return None
+    return value
+
+
+def parse_gates_url(raw: str | None) -> Secret | None:
+    """``GATEWAY_GATES_URL``: unset, empty or ``posix:`` = POSIX gates; ``redis://`` or
+    ``rediss://`` = shared gates (the URL may hold a password: kept as a Secret)."""
+    if raw is None or raw.strip() in ("", "posix:"):
+        return None
+    raw = raw.strip()
+    scheme = raw.split(":", 1)[0].lower()
+    if scheme not in ("redis", "rediss"):
+        raise SettingsError(
+            f"GATEWAY_GATES_URL must be posix: or a redis:// or rediss:// URL, got {scheme!r}"
+        )
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parsing the port is the check
+        database = parts.path.strip("/")
+    except ValueError as exc:
+        raise SettingsError(f"GATEWAY_GATES_URL is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise SettingsError("GATEWAY_GATES_URL must name a host: redis://HOST:PORT/DB")
+    if database and not database.isdigit():
+        raise SettingsError(
+            f"GATEWAY_GATES_URL: the database must be a number (redis://host:port/0), "
+            f"got {database!r}"
+        )
+    return Secret(raw)
+
+
+def redacted_url(url: str) -> str:
+    """A URL fit for logs: any password replaced by stars."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def _gates_prefix(raw: str | None) -> str:
+    if raw is None or raw == "":
+        return "gateway:"
+    if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,64}", raw):
+        raise SettingsError(
+            "GATEWAY_GATES_PREFIX must be 1..64 characters of letters, digits and "
+            f"_ . : - {{ }}, got {raw!r}"
+        )
+    return raw
+
+
+def _lease_seconds(raw: str | None) -> float:
+    value = _float(raw, "GATEWAY_LEASE_SECONDS", 15.0)
+    if value < 0.5:
+        raise SettingsError(f"GATEWAY_LEASE_SECONDS must be at least 0.5, got {raw!r}")
     return value
 
 

@@ -5,6 +5,7 @@ IpcError
 ├── NamespaceBusy        another launcher holds the namespace
 ├── NamespaceMissing     no launcher has set the namespace up
 ├── LedgerFull           a worker holds permits on more semaphores than its ledger has slots
+├── GatesUnavailable     the shared gates' store (Redis) does not answer, or is recovering
 └── CredentialGone       a credential's gate was removed (its user was deleted)
 """
 
@@ -26,6 +27,10 @@ class NamespaceMissing(IpcError):
 
 
 class LedgerFull(IpcError):
+    pass
+
+
+class GatesUnavailable(IpcError):
     pass
 
 

@@ -5,11 +5,13 @@
     python -m loadtests.benchmark --only gates    # one part: gates, json, ttfb, sse, memory
     python -m loadtests.benchmark --only json --transport h1 --transport aiohttp
     python -m loadtests.benchmark --only json --metrics both   # worker CPU, metrics on vs off
+    python -m loadtests.benchmark --gates redis   # POSIX and Redis gates side by side
 
 It starts the fake upstream and a real ``gateway serve`` (all cores as workers, caps on:
 a global cap and per-credential caps of 256 over several users), then measures:
 
-- gates: acquire + release through ``Gatekeeper.admit`` / ``Permit.release`` (µs);
+- gates: acquire + release through ``Gatekeeper.admit`` / ``Permit.release`` (µs); with
+  ``--gates redis`` also one admission round trip plus its release on Redis leases;
 - json: non-streaming ``POST /v1/messages`` requests/s and p50/p99 at a fixed
   concurrency, through the gateway (with and without the global cap) and direct, with
   ``wrk`` when installed (a Python client saturates before the gateway does), and the
@@ -18,9 +20,12 @@ a global cap and per-credential caps of 256 over several users), then measures:
   with ``--metrics both`` (the default), a gateway with its metrics endpoint on and one with
   it off (``--metrics-port 0``: the workers count nothing) side by side, and the difference
   in worker CPU per request (the issue's budget: at most 5% more);
+  with ``--gates redis``, a gateway on Redis gates (``GATEWAY_GATES_URL``, ``--redis-url``)
+  beside the POSIX one: requests/s and worker CPU per request;
 - metrics: the request path's cost of recording one request, prometheus_client's
   multiprocess values called directly vs the workers' tallies (``loadtests.metrics_cost``);
-- ttfb: added time to first byte at low load (sequential requests), median and p99;
+- ttfb: added time to first byte at low load (sequential requests), median and p99; with
+  ``--gates redis`` also through Redis gates, and what they add at the median;
 - sse, steady: 100..2,000 streams open at every moment (a closed loop of N clients,
   each stream about a second), through the gateway and direct: time to the first text
   delta (which the fake sends at once) and whole-stream time; the largest level at which
@@ -81,6 +86,7 @@ class Gateway:
         global_cap: int | None,
         transport: str = "h1",
         metrics: bool = True,
+        gates_url: str | None = None,
     ):
         self.port = _free_port()
         self.metrics = metrics
@@ -99,6 +105,10 @@ class Gateway:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
+        self.gates_prefix: str | None = None
+        if gates_url is not None:
+            self.gates_prefix = f"bench{uuid.uuid4().hex[:8]}:"
+            env.update(GATEWAY_GATES_URL=gates_url, GATEWAY_GATES_PREFIX=self.gates_prefix)
         self.env = env
         workdir.mkdir(parents=True, exist_ok=True)
         self._log = (workdir / f"gateway-{self.port}.log").open("wb")
@@ -107,6 +117,7 @@ class Gateway:
              "--workers", str(workers)],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        # (a fresh Redis prefix waits one lease time, 15 s, before it admits)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -156,6 +167,20 @@ class Gateway:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        if self.gates_prefix is not None:
+            _delete_prefix(self.env["GATEWAY_GATES_URL"], self.gates_prefix)
+
+
+def _delete_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def _free_port() -> int:
@@ -222,6 +247,49 @@ def bench_gates(iterations: int) -> dict[str, float]:
             gatekeeper.close()
             ledger.close()
     return results
+
+
+def bench_redis_gates(url: str, iterations: int) -> dict[str, float]:
+    """One admission round trip and its release on Redis leases, per admitted request
+    (the release is sent on the next loop turn: timed until it is through)."""
+    from ipc.redis_gates import LeasePermit, RedisGatekeeper
+
+    prefix = f"bench{uuid.uuid4().hex[:8]}:"
+
+    async def run() -> dict[str, float]:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url)
+        await client.set(f"{prefix}epoch", 0)  # a fresh prefix: no recovery wait
+        await client.aclose()
+        results: dict[str, float] = {}
+        for label, global_cap in (("Redis: credential only", None), ("Redis: global + cred.", 1000)):
+            keeper = RedisGatekeeper(url, prefix, global_cap=global_cap, lease_seconds=15)
+            await keeper.open()
+            try:
+                user = uuid.uuid4()
+
+                async def once(keeper: RedisGatekeeper = keeper, user: uuid.UUID = user) -> None:
+                    gate = keeper.credential_gate(user, 1, 8)
+                    permit = await keeper.admit(gate)
+                    assert isinstance(permit, LeasePermit), permit
+                    permit.release()
+                    await keeper._send_releases()
+
+                for _ in range(200):
+                    await once()
+                started = time.perf_counter()
+                for _ in range(iterations):
+                    await once()
+                results[label] = (time.perf_counter() - started) / iterations * 1e6
+            finally:
+                await keeper.close()
+        return results
+
+    try:
+        return run_client(run())
+    finally:
+        _delete_prefix(url, prefix)
 
 
 def wrk_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[str, float]:
@@ -504,6 +572,20 @@ def _pct(values: list[float], pct: int) -> float:
     "both: every part runs with metrics on, and json also measures a gateway with them off, "
     "side by side.",
 )
+@click.option(
+    "--gates",
+    "gates",
+    type=click.Choice(["posix", "redis"]),
+    multiple=True,
+    help="Gate backends to measure side by side (POSIX is always measured; redis adds a "
+    "gateway on Redis gates).  [default: posix]",
+)
+@click.option(
+    "--redis-url",
+    default="redis://127.0.0.1:6379/0",
+    show_default=True,
+    help="The Redis for --gates redis (a key prefix of its own, deleted after).",
+)
 def main(
     workers: int,
     quick: bool,
@@ -512,8 +594,11 @@ def main(
     seconds: int,
     transports: tuple[str, ...],
     metrics_mode: str,
+    gates: tuple[str, ...],
+    redis_url: str,
 ) -> None:
     transports = transports or ("h1",)
+    shared_gates_url = redis_url if "redis" in gates else None
     parts = set(only) or {"gates", "metrics", "json", "ttfb", "sse", "memory"}
     if quick:
         seconds = min(seconds, 3)
@@ -524,6 +609,9 @@ def main(
         print("\n## gates: acquire + release through Gatekeeper.admit / Permit.release")
         for label, micros in bench_gates(20_000 if quick else 200_000).items():
             print(f"  {label:<24} {micros:7.2f} µs")
+        if shared_gates_url is not None:
+            for label, micros in bench_redis_gates(shared_gates_url, 500 if quick else 5000).items():
+                print(f"  {label:<24} {micros:7.2f} µs  (a round trip to Redis and a ZREM)")
     if "metrics" in parts:
         # Its own process: prometheus_client picks multiprocess values when first imported.
         print()
@@ -538,6 +626,7 @@ def main(
             transports=transports,
             metrics=metrics_mode != "off",
             compare_metrics=metrics_mode == "both",
+            shared_gates_url=shared_gates_url,
         )
     if "memory" in parts:
         measure_memory(
@@ -584,8 +673,11 @@ def measure_traffic(
     transports: tuple[str, ...],
     metrics: bool,
     compare_metrics: bool,
+    shared_gates_url: str | None = None,
 ) -> None:
-    with running(workers, transports[0], metrics) as (up, capped, uncapped, tokens):
+    with running(workers, transports[0], metrics) as (up, capped, uncapped, tokens), _shared(
+        up, workers, transports[0], shared_gates_url
+    ) as shared:
         token, uncapped_token = tokens[0], tokens[-1]
         capped_tokens = tokens[:-1]
         if "json" in parts:
@@ -636,6 +728,10 @@ def measure_traffic(
                         )
                     finally:
                         gateway.stop()
+            if shared is not None:
+                rows.append(
+                    (f"gateway {first}, Redis gates", measure(shared[0].url, shared[1], shared[0]))
+                )
             for other in transports[1:]:
                 with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
                     gateway = Gateway(
@@ -682,8 +778,34 @@ def measure_traffic(
             )
             added = statistics.median(gateway_t) - statistics.median(direct_t)
             print(f"  added at the median: {added * 1000:.2f} ms")
+            if shared is not None:
+                shared_t = run_client(sequential_ttfb(shared[0].url, shared[1], count))
+                print(
+                    f"  Redis gates  median {statistics.median(shared_t) * 1000:6.2f} ms  p99 {_pct(shared_t, 99) * 1000:6.2f} ms"
+                )
+                more = statistics.median(shared_t) - statistics.median(gateway_t)
+                print(f"  added by Redis gates over POSIX gates at the median: {more * 1000:.2f} ms")
         if "sse" in parts:
             measure_sse(up.url, capped.url, capped_tokens, quick=quick)
+
+
+@contextmanager
+def _shared(
+    up: FakeUpstream, workers: int, transport: str, gates_url: str | None
+) -> Iterator[tuple[Gateway, str] | None]:
+    """With --gates redis: a gateway on Redis gates (caps on, as the capped one), and a token."""
+    if gates_url is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        gateway = Gateway(
+            Path(tmp), up.url, workers=workers, global_cap=100_000, transport=transport,
+            gates_url=gates_url,
+        )  # fmt: skip
+        try:
+            yield gateway, gateway.user("shared")
+        finally:
+            gateway.stop()
 
 
 def measure_sse(direct_url: str, gateway_url: str, tokens: list[str], *, quick: bool) -> None:

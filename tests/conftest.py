@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.databases", "tests.fixtures.gateway"]
+pytest_plugins = ["tests.fixtures.databases", "tests.fixtures.gateway", "tests.fixtures.redis"]

@@ -27,6 +27,7 @@ from ipc.naming import POSIX_NAME_MAX, list_ledgers, list_semaphores
 from loadtests.fake_upstream import FakeUpstream
 from loadtests.procs import children
 from tests.fixtures.gateway import GatewayProcess, shm_leftovers
+from tests.fixtures.redis import live_leases
 
 pytestmark = pytest.mark.slow
 
@@ -211,6 +212,38 @@ async def test_global_cap_spans_users(
     assert (await one_request(gateway, token_b)).status_code == 200
 
 
+@pytest.fixture(params=["posix", "redis"])
+def gates_backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that picks a gate backend: POSIX semaphores, or Redis leases (the
+    default lease time: a leaked lease would stay for 15 s, far past the checks below)."""
+    if request.param == "posix":
+        return {}
+    return {
+        "GATEWAY_GATES_URL": request.getfixturevalue("redis_url"),
+        "GATEWAY_GATES_PREFIX": request.getfixturevalue("redis_prefix"),
+    }
+
+
+def slots_free(gateway: GatewayProcess, global_cap: int) -> bool:
+    """Every gate back to its cap, on either backend; no permit held by any worker."""
+    prefix = gateway.env.get("GATEWAY_GATES_PREFIX")
+    if "GATEWAY_GATES_URL" in gateway.env and prefix is not None:
+        return live_leases(prefix) == {}
+    state = gates(gateway)
+    return (
+        state["global"].free == global_cap
+        and all(r.free == r.cap for r in state["credential"].values())
+        and held_per_worker(gateway) == {}
+    )
+
+
+def global_in_use(gateway: GatewayProcess) -> int:
+    prefix = gateway.env.get("GATEWAY_GATES_PREFIX")
+    if "GATEWAY_GATES_URL" in gateway.env and prefix is not None:
+        return live_leases(prefix).get(f"{prefix}g", 0)
+    return int(gates(gateway)["global"].in_use)
+
+
 @pytest.mark.parametrize(
     "how",
     ["complete", "disconnect", "error_status", "cut", "timeout", "unreachable"],
@@ -218,9 +251,11 @@ async def test_global_cap_spans_users(
 async def test_permit_comes_back(
     start_gateway: Callable[..., GatewayProcess],
     fake_upstream: FakeUpstream,
+    gates_backend: dict[str, str],
     how: str,
 ) -> None:
     extra = {"PROXY_MAX_GLOBAL_CONCURRENT": "5", "GATEWAY_UPSTREAM_READ_TIMEOUT": "1"}
+    extra.update(gates_backend)
     if how == "unreachable":
         extra["GATEWAY_UPSTREAM_URL"] = "http://127.0.0.1:9"  # discard port: refused
     gateway = start_gateway(workers=2, **extra)
@@ -230,7 +265,7 @@ async def test_permit_comes_back(
         assert (await one_request(gateway, token, "?delay=0.2")).status_code == 200
     elif how == "disconnect":
         async with held_streams(gateway, token, 1):
-            assert gates(gateway)["global"].in_use == 1
+            assert global_in_use(gateway) == 1
     elif how == "error_status":
         assert (await one_request(gateway, token, "?status=500")).status_code == 500
     elif how == "cut":
@@ -253,14 +288,7 @@ async def test_permit_comes_back(
         assert response.status_code == 502
         assert response.json()["error"]["type"] == "api_error"
 
-    def all_free() -> bool:
-        state = gates(gateway)
-        return state["global"].free == 5 and all(
-            r.free == r.cap for r in state["credential"].values()
-        )
-
-    await wait_for(all_free, 3, "every permit back")
-    assert held_per_worker(gateway) == {}
+    await wait_for(lambda: slots_free(gateway, 5), 3, "every permit back")
     if how != "unreachable":
         # cap 1: only admitted if the permit really came back
         assert (await one_request(gateway, token)).status_code == 200

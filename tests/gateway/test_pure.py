@@ -19,6 +19,7 @@ from gateway.settings import (
     default_namespace,
     namespace_prefix,
     parse_global_cap,
+    redacted_url,
 )
 from gateway.upstream import Upstream
 from ipc.naming import validate_namespace
@@ -279,3 +280,37 @@ def test_secrets_never_print() -> None:
     settings = Settings.from_env({"GATEWAY_MASTER_KEY": "c2VjcmV0"})
     assert "c2VjcmV0" not in repr(secret) + str(secret) + repr(settings)
     assert secret.reveal() == "c2VjcmV0"
+
+
+def test_gates_settings() -> None:
+    default = Settings.from_env({})
+    assert (default.shared_gates, default.gates_prefix, default.lease_seconds) == (
+        False,
+        "gateway:",
+        15.0,
+    )
+    assert not Settings.from_env({"GATEWAY_GATES_URL": "posix:"}).shared_gates
+    shared = Settings.from_env(
+        {
+            "GATEWAY_GATES_URL": "rediss://:hunter2@redis.internal:6380/3",
+            "GATEWAY_GATES_PREFIX": "team-a:",
+            "GATEWAY_LEASE_SECONDS": "5",
+        }
+    )
+    assert shared.shared_gates and shared.gates_prefix == "team-a:" and shared.lease_seconds == 5
+    assert shared.gates_url is not None
+    assert "hunter2" not in repr(shared) and "hunter2" not in str(shared.gates_url)
+    assert redacted_url(shared.gates_url.reveal()) == "rediss://:***@redis.internal:6380/3"
+    for bad, rule in (
+        ("memcached://x", "must be posix: or a redis://"),
+        ("redis://", "must name a host"),
+        ("redis://h:99999/0", "not a valid URL"),
+        ("redis://h/zero", "database must be a number"),
+    ):
+        with pytest.raises(SettingsError, match=f"GATEWAY_GATES_URL.*{rule}"):
+            Settings.from_env({"GATEWAY_GATES_URL": bad})
+    with pytest.raises(SettingsError, match="GATEWAY_GATES_PREFIX"):
+        Settings.from_env({"GATEWAY_GATES_PREFIX": "has space"})
+    for bad in ("0", "0.1", "-2", "soon"):
+        with pytest.raises(SettingsError, match="GATEWAY_LEASE_SECONDS"):
+            Settings.from_env({"GATEWAY_LEASE_SECONDS": bad})

@@ -16,7 +16,7 @@ from loadtests.fake_upstream import FakeUpstream
 from tests.fixtures.gateway import GatewayProcess
 from tests.gateway.test_cap_change import Streams, max_in_flight, my_row
 from tests.gateway.test_caps import STREAM, held_per_worker, wait_for
-from tests.gateway.test_metrics import scrape, until, value
+from tests.gateway.test_metrics import until, value
 
 pytestmark = pytest.mark.slow
 
