@@ -241,6 +241,66 @@ def run_watch(
         return
 
 
+def run_shared_watch(
+    rows: Callable[[], list[_CapRow]],
+    local: Callable[[], list[str]],
+    *,
+    interval: float,
+    as_json: bool,
+    title: str,
+) -> None:
+    """``caps --watch`` on Redis gates: every host's leases from ``rows()``; the
+    rejections column counts this host's gateways (``local()``: their namespaces), whose
+    workers' counters are the only ones on this machine (each host's /metrics has its own)."""
+    window = RecentRejections()
+    terminal = sys.stdout.isatty() and not as_json
+    console = Console()
+
+    def snapshot() -> list[tuple[str, list[WatchRow]]]:
+        now = time.monotonic()
+        found = [totals for ns in local() if (totals := rejection_totals(ns)) is not None]
+        if not found:
+            return [(title, [WatchRow(row, None, 0.0) for row in rows()])]
+        summed: Totals = {}
+        for totals in found:
+            for key, value in totals.items():
+                summed[key] = summed.get(key, 0.0) + value
+        recent, seconds = window.add(now, summed)
+        out = []
+        for row in rows():
+            if row.scope == "global":
+                count = sum(v for (scope, _), v in recent.items() if scope in ("global", "worker"))
+            else:
+                count = recent.get(("credential", row.user_id or ""), 0.0)
+            out.append(WatchRow(row, round(count), seconds))
+        return [(f"{title}; rejections on this host", out)]
+
+    try:
+        if terminal:
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                while True:
+                    stamp = f"{_stamp()} · every refresh re-reads Redis · Ctrl-C exits"
+                    live.update(rich_view(snapshot(), stamp), refresh=True)
+                    time.sleep(interval)
+        while True:
+            views = snapshot()
+            if as_json:
+                for _title, items in views:
+                    for item in items:
+                        click.echo(msgspec.json.encode(_json_row(item)))
+            else:
+                for line in plain_view(views, _stamp()):
+                    click.echo(line)
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+
+
 def _terminal_view(views: list[tuple[str, list[WatchRow]]], where: str) -> RenderableType:
     stamp = f"{_stamp()} · every refresh re-reads the gates · Ctrl-C exits"
     if not views:

@@ -549,7 +549,7 @@ def _shared_cap_rows(
     return rows + credential_rows
 
 
-def _shared_caps(settings: Settings, *, as_json: bool) -> None:
+def _shared_rows(settings: Settings) -> list[_CapRow]:
     assert settings.gates_url is not None
     keys = _with_database(settings, repository.list_key_caps)
     store = _shared_store(settings)
@@ -565,15 +565,33 @@ def _shared_caps(settings: Settings, *, as_json: bool) -> None:
             f"the coordination store {redacted_url(settings.gates_url.reveal())} does not "
             f"answer: {exc}"
         ) from None
-    rows = _shared_cap_rows(settings.gates_prefix, global_cap, keys, readings)
+    return _shared_cap_rows(settings.gates_prefix, global_cap, keys, readings)
+
+
+def _shared_caps(settings: Settings, *, as_json: bool, watch: bool, interval: float) -> None:
+    assert settings.gates_url is not None
+    title = (
+        f"caps shared through Redis {redacted_url(settings.gates_url.reveal())}, prefix "
+        f"{settings.gates_prefix!r} (every host's requests in flight)"
+    )
+    if watch:
+        from gateway.caps_watch import run_shared_watch  # rich: the command line only
+
+        prefix = namespace_prefix(settings.database_url)
+        run_shared_watch(
+            lambda: _shared_rows(settings),
+            lambda: running_namespaces(prefix, explicit=settings.ipc_namespace),
+            interval=interval,
+            as_json=as_json,
+            title=title,
+        )
+        return
+    rows = _shared_rows(settings)
     if as_json:
         for row in rows:
             click.echo(msgspec.json.encode(row))
         return
-    click.echo(
-        f"caps shared through Redis {redacted_url(settings.gates_url.reveal())}, prefix "
-        f"{settings.gates_prefix!r} (every host's requests in flight)"
-    )
+    click.echo(title)
     for line in _table(rows):
         click.echo(line)
 
@@ -640,7 +658,7 @@ def caps(
     """
     settings = _settings(port=port, ipc_namespace=namespace)
     if settings.gates_url is not None:
-        _shared_caps(settings, as_json=as_json)
+        _shared_caps(settings, as_json=as_json, watch=watch, interval=interval)
         return
     prefix = namespace_prefix(settings.database_url)
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import msgspec
@@ -19,6 +20,7 @@ from gateway.metrics.exporter import (
     GatewayCollector,
     MetricsServer,
     ReapedPermits,
+    SharedReadings,
     UserDirectory,
     build_registry,
     read_directory,
@@ -27,11 +29,12 @@ from gateway.metrics.folder import MetricsFolder
 from gateway.resources import resolve_master_key
 from gateway.settings import GranianOptions, Settings, namespace_prefix, redacted_url
 from ipc.errors import GatesUnavailable
-from ipc.leases import Store
+from ipc.leases import Redis, Store
 from ipc.namespace import NamespaceClaim
 from ipc.naming import metrics_dir
 from ipc.reaper import Reaped, Reaper, reap_once
 from storage.engine import connected
+from storage.repository import KeyCap
 
 log = logging.getLogger("gateway.launcher")
 
@@ -171,12 +174,28 @@ class Launcher:
         def directory() -> UserDirectory:
             return cap_sync.call(read_directory, timeout=DIRECTORY_TIMEOUT)
 
+        shared: Callable[[list[KeyCap]], SharedReadings] | None = None
+        if settings.gates_url is not None:
+            store = Store(
+                settings.gates_url.reveal(),
+                settings.gates_prefix,
+                lease_seconds=settings.lease_seconds,
+            )
+
+            def shared(keys: list[KeyCap]) -> SharedReadings:
+                async def read(client: Redis) -> SharedReadings:
+                    readings = await store.readings(client, [key.user_id for key in keys])
+                    return SharedReadings(await store.global_cap(client), readings)
+
+                return store.run(read)  # its own loop, in the scrape's thread
+
         collector = GatewayCollector(
             settings.ipc_namespace,
             folder=self.metrics_folder,
             reaped=self.reaped,
             directory=directory,
             queue_places=settings.queue_max_waiters if settings.queue_timeout > 0 else 0,
+            shared=shared,
         )
         try:
             server = MetricsServer(

@@ -40,6 +40,8 @@ from gateway.metrics.catalog import (
 )
 from gateway.metrics.folder import MetricsFolder
 from ipc.audit import repairs_made
+from ipc.errors import GatesUnavailable
+from ipc.leases import CapReading
 from ipc.namespace import held_by_ledgers, live_workers, usage, waiting_by_scope
 from ipc.reaper import Reaped
 from storage import repository
@@ -60,6 +62,14 @@ async def read_directory() -> UserDirectory:
     users = await repository.list_users()
     keys = await repository.list_key_caps()
     return UserDirectory(names={str(user.id): user.name for user in users}, keys=keys)
+
+
+class SharedReadings(msgspec.Struct, frozen=True):
+    """Redis gates at one scrape: the global cap in force (None: unset) and the readings,
+    the global gate's first, then one per user asked for."""
+
+    global_cap: int | None
+    readings: list[CapReading]
 
 
 class ReapedPermits:
@@ -87,8 +97,12 @@ class GatewayCollector(Collector):
         reaped: ReapedPermits,
         directory: Callable[[], UserDirectory],
         queue_places: int = 0,
+        shared: Callable[[list[repository.KeyCap]], SharedReadings] | None = None,
     ) -> None:
         self.namespace = namespace
+        # With Redis gates: the slots are every host's live leases, read from Redis.
+        self._shared = shared
+        self._shared_down = False
         self.queue_places = queue_places  # places per line; 0 when the queue is off
         self.folder = folder
         self.reaped = reaped
@@ -146,6 +160,9 @@ class GatewayCollector(Collector):
         yield _named_rejections(rejections, names, [key.user_name for key in directory.keys])
 
     def _slots(self, directory: UserDirectory) -> Iterator[Metric]:
+        if self._shared is not None:
+            yield from self._shared_slots(directory)
+            return
         gates = usage(self.namespace)
         in_flight = GaugeMetricFamily(IN_FLIGHT, HELP[IN_FLIGHT], labels=["scope"])
         global_gate = next((gate for gate in gates if gate.scope == "global"), None)
@@ -177,6 +194,40 @@ class GatewayCollector(Collector):
                 user = directory.names.get(user_id, user_id)
                 credential_in_flight.add_metric([user], gate.in_use)
                 credential_cap.add_metric([user], gate.cap)
+        yield credential_in_flight
+        yield credential_cap
+
+    def _shared_slots(self, directory: UserDirectory) -> Iterator[Metric]:
+        """Redis gates: every host's leases (the same figures on every host's scrape).
+        While Redis does not answer the slot gauges are left out, not shown as 0."""
+        assert self._shared is not None
+        try:
+            shared = self._shared(directory.keys)
+        except GatesUnavailable as exc:
+            if not self._shared_down:
+                log.warning("metrics: slot gauges unavailable, Redis does not answer: %s", exc)
+            self._shared_down = True
+            return
+        if self._shared_down:
+            log.info("metrics: slot gauges available again")
+        self._shared_down = False
+        global_reading, *readings = shared.readings
+        in_flight = GaugeMetricFamily(IN_FLIGHT, HELP[IN_FLIGHT], labels=["scope"])
+        in_flight.add_metric(["global"], global_reading.in_use)
+        yield in_flight
+        if shared.global_cap is not None:
+            cap = GaugeMetricFamily(GLOBAL_CAP, HELP[GLOBAL_CAP])
+            cap.add_metric([], shared.global_cap)
+            yield cap
+        credential_in_flight = GaugeMetricFamily(
+            CREDENTIAL_IN_FLIGHT, HELP[CREDENTIAL_IN_FLIGHT], labels=["user"]
+        )
+        credential_cap = GaugeMetricFamily(CREDENTIAL_CAP, HELP[CREDENTIAL_CAP], labels=["user"])
+        for key, reading in zip(directory.keys, readings, strict=True):
+            credential_in_flight.add_metric([key.user_name], reading.in_use)
+            credential_cap.add_metric(
+                [key.user_name], key.max_concurrent if reading.cap is None else reading.cap
+            )
         yield credential_in_flight
         yield credential_cap
 

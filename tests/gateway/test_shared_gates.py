@@ -8,8 +8,11 @@ counts per key are the ground truth.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
@@ -20,7 +23,7 @@ import pytest
 
 from loadtests.fake_upstream import FakeUpstream
 from loadtests.procs import children
-from tests.fixtures.gateway import GatewayProcess, base_env, fresh_namespace, launch
+from tests.fixtures.gateway import ROOT, GatewayProcess, base_env, fresh_namespace, launch
 from tests.fixtures.redis import ThrowawayRedis, mark_ready
 from tests.gateway.test_caps import HOLD, STREAM, first_chunk, one_request, wait_for
 
@@ -293,3 +296,38 @@ async def test_the_wait_for_a_slot_spans_hosts(hosts: Hosts, fake_upstream: Fake
         assert late.status_code == 429
         assert late.json()["error"]["message"].endswith("(waited 0.5 s)")
         assert 0.5 <= time.monotonic() - started < 5
+
+
+async def test_metrics_and_caps_watch_show_every_hosts_leases(
+    hosts: Hosts, fake_upstream: FakeUpstream
+) -> None:
+    """With Redis gates there is no semaphore to read: each host's /metrics and
+    ``caps --watch`` read the leases of every host from Redis."""
+    from tests.gateway.test_metrics import scrape, value
+
+    a, b = hosts(2, PROXY_MAX_GLOBAL_CONCURRENT="10")
+    token, _key = a.user_with_key("alice", cap=3)
+    async with streams([(a, token), (b, token), (b, token), (a, token)]) as statuses:
+        assert sorted(statuses) == [200, 200, 200, 429]
+        for gateway in (a, b):
+            samples = scrape(gateway)
+            assert value(samples, "gateway_credential_in_flight", user="alice") == 3
+            assert value(samples, "gateway_credential_cap", user="alice") == 3
+            assert value(samples, "gateway_in_flight", scope="global") == 3
+            assert value(samples, "gateway_global_cap") == 10
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "caps", "--watch", "--json", "--interval", "0.2"],
+            env=b.env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert watch.stdout is not None
+            seen = [json.loads(watch.stdout.readline()) for _ in range(4)]  # two refreshes
+        finally:
+            watch.send_signal(signal.SIGINT)
+            watch.wait(10)
+    assert watch.returncode == 0
+    rows = {(row["scope"], row["user"]): row for row in seen}
+    assert rows[("credential", "alice")]["in_use"] == 3
+    assert rows[("credential", "alice")]["cap"] == 3
+    assert rows[("global", None)]["in_use"] == 3
+    assert rows[("global", None)]["cap"] == 10
