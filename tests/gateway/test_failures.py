@@ -86,31 +86,36 @@ def database_unreachable(database_url: str) -> Iterator[None]:
     name = parts.path.lstrip("/")
     hidden = f"{name}_away"
     admin_url = parts._replace(path="/postgres").geturl()
-    _run_in_thread(_rename_database(admin_url, name, hidden))
+    _run_in_thread(_rename_database(admin_url, name, hidden, allow=False))
     try:
         yield
     finally:
-        _run_in_thread(_rename_database(admin_url, hidden, name))
+        _run_in_thread(_rename_database(admin_url, hidden, name, allow=True))
 
 
-async def _rename_database(admin_url: str, old: str, new: str) -> None:
+async def _rename_database(admin_url: str, old: str, new: str, *, allow: bool) -> None:
+    """Rename ``old``; ``allow``: whether it takes connections afterwards. The gateway's
+    pools reconnect on demand (as the superuser), so new sessions are refused first
+    (ALLOW_CONNECTIONS false holds for superusers too), then the open ones ended: on a
+    loaded machine a reconnect used to win the race against the rename."""
     connection = await asyncpg.connect(admin_url, timeout=5)
     try:
+        await connection.execute(f'ALTER DATABASE "{old}" WITH ALLOW_CONNECTIONS false')
         deadline = time.monotonic() + 10
         while True:
-            # The gateway's pools reconnect on demand: end their sessions, then rename
-            # before they are back.
             await connection.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
                 old,
             )
             try:
                 await connection.execute(f'ALTER DATABASE "{old}" RENAME TO "{new}"')
-                return
+                break
             except asyncpg.ObjectInUseError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
+        if allow:
+            await connection.execute(f'ALTER DATABASE "{new}" WITH ALLOW_CONNECTIONS true')
     finally:
         await connection.close()
 
