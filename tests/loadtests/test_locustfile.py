@@ -27,7 +27,14 @@ from tests.fixtures.gateway import ROOT, GatewayProcess
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 OVERLOADED = b'{"type":"error","error":{"type":"overloaded_error","message":"Retry shortly."}}'
-CLASSES = ["HotStreamer", "SpreadStreamer", "ChurnUser", "CapChangeStreamer", "CapChanger"]
+CLASSES = [
+    "HotStreamer",
+    "SpreadStreamer",
+    "ChurnUser",
+    "CapChangeStreamer",
+    "CapChanger",
+    "QueueStreamer",
+]
 
 # Names the locustfile records under (duplicated on purpose: they are its interface).
 FIRST_EVENT = ("SSE", "/v1/messages first event")
