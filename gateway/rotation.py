@@ -42,7 +42,7 @@ def check_new_key(keyring: Keyring, new_key: MasterKey, *, source: str) -> None:
         raise RotationError(
             f"the new master key (id {new_key.key_id}) is not in the gateway's keyring "
             f"{source} (ids {', '.join(keyring.key_ids)}): add it there first, in front of "
-            "the old one, and let the workers pick it up (README: 'Rotating the master "
+            "the old one, and let the workers pick it up (README: 'Rotate the master "
             "key'); nothing was changed"
         )
     if keyring.primary.key_id != new_key.key_id:
