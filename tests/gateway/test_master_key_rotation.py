@@ -75,16 +75,20 @@ class Traffic:
     stream of cap changes and key re-stores, each of which makes every worker drop its
     cached credentials and decrypt again on its next request."""
 
-    def __init__(self, gateway: GatewayProcess, users: dict[str, str]) -> None:
+    def __init__(
+        self, gateway: GatewayProcess, users: dict[str, str], *, restored: list[str]
+    ) -> None:
         self.gateway = gateway
         self.users = users  # token -> upstream key
+        self.restored = restored  # the tokens whose keys are stored again now and then
         self.ok = 0
         self.changes = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
+        self.streams = 0
         self._threads = [
             threading.Thread(target=self._requests, args=(seed,)) for seed in range(3)
-        ] + [threading.Thread(target=self._changes)]
+        ] + [threading.Thread(target=self._changes), threading.Thread(target=self._streams)]
 
     def __enter__(self) -> Traffic:
         for thread in self._threads:
@@ -115,13 +119,36 @@ class Traffic:
             else:
                 self.ok += 1
 
+    def _streams(self) -> None:
+        """SSE streams of about two seconds each, one after another: some stream is always
+        in flight, across every step, and must end whole."""
+        token = next(iter(self.users))
+        body = {"model": "claude-test", "max_tokens": 16, "stream": True, "messages": []}
+        while not self._stop.is_set():
+            try:
+                with httpx.stream(
+                    "POST",
+                    f"{self.gateway.url}/v1/messages?events=40&delay=0.05",
+                    json=body,
+                    headers={"x-api-key": token},
+                    timeout=30,
+                ) as response:
+                    raw = b"".join(response.iter_raw())
+            except httpx.HTTPError as exc:
+                self.failures.append(f"stream: {exc!r}")
+                continue
+            if response.status_code != 200 or b"event: message_stop" not in raw:
+                self.failures.append(f"stream {response.status_code}: {raw[-200:]!r}")
+            else:
+                self.streams += 1
+
     def _changes(self) -> None:
         chooser = random.Random(99)
         tokens = list(self.users)
         while not self._stop.wait(0.15):
             token = chooser.choice(tokens)
             body: dict[str, Any] = {"max_concurrent": chooser.choice((8, 9))}
-            if chooser.random() < 0.5:
+            if token in self.restored and chooser.random() < 0.5:
                 body["key"] = self.users[token]  # stored again: encrypted under the ring's first
             try:
                 response = httpx.put(
@@ -172,7 +199,10 @@ def test_rotating_the_master_key_while_requests_flow(
         )
     assert key_status(gateway.env) == {old.key_id: 4, None: 3}
 
-    with Traffic(gateway, users) as traffic:
+    tokens = list(users)
+    # Two users store their keys again now and then; the other five are left to the
+    # rotation (three of them from before key ids).
+    with Traffic(gateway, users, restored=tokens[5:]) as traffic:
         traffic.wait_for_more(requests=30, changes=2)
 
         # 1. The new key goes first in the key file, the old one after it. No restart:
@@ -193,7 +223,9 @@ def test_rotating_the_master_key_while_requests_flow(
         )
         assert f"under master key id {new.key_id}" in rotated.stdout
         # 3 keys a transaction; keys stored again since step 1 are under the new key already.
-        assert "batch 1:" in rotated.stdout
+        assert "batch 2:" in rotated.stdout
+        rewritten = int(rotated.stdout.split("re-encrypted ")[-1].split()[0])
+        assert 5 <= rewritten <= 7
         assert key_status(gateway.env) == {new.key_id: 7}
         traffic.wait_for_more(requests=30, changes=3)
 
@@ -202,6 +234,7 @@ def test_rotating_the_master_key_while_requests_flow(
         traffic.wait_for_more(requests=60, changes=4)
 
     assert not traffic.failures, traffic.failures[:5]
+    assert traffic.streams >= 2
     assert key_status(gateway.env) == {new.key_id: 7}
     # The workers picked the new keyrings up from the file on their own.
     reloaded = [
