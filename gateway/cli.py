@@ -356,7 +356,8 @@ def _keyring(settings: Settings) -> tuple[Keyring, str]:
         else f"file {settings.master_key_file}"
     )
     try:
-        return resolve_keyring(settings).current(), source
+        # The command line never makes a key file: that is the first `gateway serve`'s.
+        return resolve_keyring(settings, create=False).current(), source
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
 

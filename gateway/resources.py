@@ -31,11 +31,11 @@ ANNOUNCE_TRIES = 5
 ANNOUNCE_PAUSE = 0.2
 
 
-def resolve_keyring(settings: Settings) -> KeyringSource:
+def resolve_keyring(settings: Settings, *, create: bool = True) -> KeyringSource:
     """GATEWAY_MASTER_KEY (fixed for the life of the process), or a keyring file that
     running workers read again when it changes: GATEWAY_MASTER_KEY_FILE, or for the
     zero-configuration SQLite default the data folder's ``master.key`` (created by the
-    launcher on first start, read by the workers)."""
+    launcher on first start, read by the workers; ``create=False``: never created)."""
     if settings.master_key is not None:
         return KeyringSource(
             Keyring.parse(settings.master_key.reveal(), where="GATEWAY_MASTER_KEY")
@@ -48,7 +48,7 @@ def resolve_keyring(settings: Settings) -> KeyringSource:
     # A file named by GATEWAY_MASTER_KEY_FILE is never created: a typo in its path
     # would otherwise start a fresh key that decrypts nothing stored.
     source, created = open_keyring_file(
-        settings.master_key_file, create=settings.master_key_path is None
+        settings.master_key_file, create=create and settings.master_key_path is None
     )
     if created:
         log.warning(

@@ -47,6 +47,10 @@ def test_a_named_key_file_serves_any_database_and_is_never_created(tmp_path: Pat
 def test_postgres_needs_a_key_and_sqlite_makes_its_own(tmp_path: Path) -> None:
     with pytest.raises(MasterKeyError, match="GATEWAY_MASTER_KEY_FILE is required"):
         resolve_keyring(settings(tmp_path, GATEWAY_DATABASE_URL=POSTGRES_URL))
+    # The command line reads the file; only the server makes it.
+    with pytest.raises(MasterKeyError, match="cannot read the master key file"):
+        resolve_keyring(settings(tmp_path), create=False)
+    assert not (tmp_path / "data" / "master.key").exists()
     source = resolve_keyring(settings(tmp_path))
     assert source.path == tmp_path / "data" / "master.key"
     assert (source.path.stat().st_mode & 0o777) == 0o600
