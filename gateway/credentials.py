@@ -134,9 +134,10 @@ class CredentialCache:
                 return entry
 
     def _decrypt(self, stored: repository.Credential, user_id: uuid.UUID) -> str:
-        """The key in clear. A key id this worker's keyring lacks (a master key added to
-        the key file since the worker read it, and a rotation under way) is looked for
-        again in the key file, read afresh when it changed; then it is a 500."""
+        """The key in clear. The keyring is taken afresh first (one ``stat`` of a key
+        file, read again when it changed), so a key id met for the first time during a
+        rotation is found in a key added to the file since this worker started; a key id
+        the file does not hold either is a 500 that names it."""
         if self._keyring is None:
             raise ServerFault("The gateway has no master key configured (GATEWAY_MASTER_KEY).")
         keyring = self._keyring.current()
