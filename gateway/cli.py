@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import click
@@ -39,6 +40,7 @@ from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import connected
 from storage.errors import StorageError
+from storage.keyring import Keyring, read_keyring_file
 
 T = TypeVar("T")
 
@@ -234,7 +236,21 @@ def main() -> None:
     default=None,
     help="Address of the Prometheus endpoint.  [default: GATEWAY_METRICS_HOST or 127.0.0.1]",
 )
+@click.option(
+    "--tls-cert",
+    default=None,
+    help="Serve HTTPS with this PEM certificate (chain), through Granian's own TLS; "
+    "needs --tls-key.  [default: GATEWAY_TLS_CERT]",
+)
+@click.option(
+    "--tls-key",
+    default=None,
+    help="The certificate's PEM private key (unencrypted; not readable by other users).  "
+    "[default: GATEWAY_TLS_KEY]",
+)
 def serve(
+    tls_cert: str | None,
+    tls_key: str | None,
     queue_timeout: float | None,
     loop: str,
     http: str,
@@ -251,6 +267,7 @@ def serve(
 ) -> None:
     """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
     from gateway.launcher import Launcher, LaunchError
+    from gateway.tls import TLSConfigError, check_tls_files
 
     settings = _settings(
         host=host,
@@ -258,7 +275,14 @@ def serve(
         queue_timeout=queue_timeout,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            check_tls_files(settings.tls_cert, settings.tls_key)
+        except TLSConfigError as exc:
+            raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level)
     options = GranianOptions(
         host=host,
@@ -273,8 +297,10 @@ def serve(
         log_level=settings.log_level,
         loop=loop,
         http=http,
+        tls_cert=str(settings.tls_cert) if settings.tls_cert else None,
+        tls_key=str(settings.tls_key) if settings.tls_key else None,
     )
-    base = f"http://{host}:{port}"
+    base = f"{settings.scheme}://{host}:{port}"
     click.echo(
         f"LLM gateway on {base} ({workers} workers, data in {settings.data_dir})\n"
         "  create a user (prints its token):  gateway users create alice\n"
@@ -293,7 +319,7 @@ def serve(
     )
     try:
         code = Launcher(settings, options).run()
-    except (IpcError, StorageError, LaunchError) as exc:
+    except (IpcError, StorageError, LaunchError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 
@@ -314,6 +340,139 @@ def migrate_command() -> None:
 def keygen() -> None:
     """Print a new random master key (base64 of 32 bytes) for GATEWAY_MASTER_KEY."""
     click.echo(MasterKey.generate().to_base64())
+
+
+@main.group()
+def keys() -> None:
+    """The master keyring: stored keys per master key id, and rotating the master key."""
+
+
+def _keyring(settings: Settings) -> tuple[Keyring, str]:
+    from gateway.resources import resolve_keyring
+
+    source = (
+        "GATEWAY_MASTER_KEY"
+        if settings.master_key is not None
+        else f"file {settings.master_key_file}"
+    )
+    try:
+        # The command line never makes a key file: that is the first `gateway serve`'s.
+        return resolve_keyring(settings, create=False).current(), source
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per key id.")
+def keys_status(as_json: bool) -> None:
+    """How many stored Anthropic keys each master key id made, beside the keyring.
+
+    A key id outside the keyring means keys no worker can decrypt; "none" counts keys
+    stored before key ids (tried under every key of the ring).
+    """
+    settings = _settings()
+    counts = _with_database(settings, repository.count_keys_by_key_id)
+    keyring, source = _keyring(settings)
+    ids: list[str | None] = [*keyring.key_ids]
+    ids += sorted((key_id for key_id in counts if key_id not in ids and key_id), key=str)
+    if None in counts:
+        ids.append(None)
+    rows = []
+    for key_id in ids:
+        if key_id is None:
+            state = "made before key ids: tried under every key of the keyring"
+        elif key_id == keyring.primary.key_id:
+            state = "in the keyring, encrypts new keys"
+        elif key_id in keyring:
+            state = "in the keyring"
+        else:
+            state = "NOT in the keyring: these keys cannot be decrypted"
+        rows.append((key_id, counts.get(key_id, 0), state))
+    if as_json:
+        for key_id, count, state in rows:
+            click.echo(
+                msgspec.json.encode({"key_id": key_id, "stored_keys": count, "state": state})
+            )
+        return
+    click.echo(f"master keyring from {source}: {', '.join(keyring.key_ids)}")
+    click.echo(f"{'key id':<10}  {'stored keys':>11}  state")
+    for key_id, count, state in rows:
+        click.echo(f"{key_id or 'none':<10}  {count:>11}  {state}")
+
+
+@keys.command("rotate-master")
+@click.option(
+    "--new-key-env",
+    metavar="NAME",
+    default=None,
+    help="The environment variable holding the new master key (base64, `gateway keygen`).",
+)
+@click.option(
+    "--new-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A file holding the new master key (its first key: the keyring file itself does).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=500,
+    show_default=True,
+    help="Stored keys re-encrypted per database transaction.",
+)
+def keys_rotate_master(new_key_env: str | None, new_key_file: Path | None, batch_size: int) -> None:
+    """Re-encrypt every stored Anthropic key under the new master key, while serving.
+
+    The new key must already come first in the gateway's keyring (GATEWAY_MASTER_KEY or
+    the key file), with the old key after it, and the workers must hold it: see the
+    README's "Rotating the master key". One transaction per batch; safe to run again.
+    """
+    from gateway.rotation import RotationError, check_new_key, rotate
+    from storage.keyring import Keyring as ParsedKeyring
+
+    if (new_key_env is None) == (new_key_file is None):
+        raise click.UsageError("give one of --new-key-env NAME or --new-key-file PATH")
+    try:
+        if new_key_env is not None:
+            raw = os.environ.get(new_key_env)
+            if not raw:
+                raise click.ClickException(f"the environment variable {new_key_env} is not set")
+            new_key = ParsedKeyring.parse(raw, where=new_key_env).primary
+            given = new_key_env
+        else:
+            assert new_key_file is not None
+            new_key = read_keyring_file(new_key_file).primary
+            given = str(new_key_file)
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = _settings()
+    keyring, source = _keyring(settings)
+    try:
+        check_new_key(keyring, new_key, source=source)
+    except RotationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"re-encrypting stored keys under master key id {new_key.key_id} (from {given}), "
+        f"{batch_size} per transaction"
+    )
+
+    def progress(batch: int, rewritten: int) -> None:
+        click.echo(f"  batch {batch}: {rewritten} re-encrypted so far")
+
+    report = _with_database(
+        settings, lambda: rotate(keyring, batch_size=batch_size, progress=progress)
+    )
+    click.echo(f"re-encrypted {report.rewritten} stored keys under {report.key_id}")
+    if report.failed:
+        raise click.ClickException(
+            f"{len(report.failed)} stored keys decrypt under no key of the keyring and were "
+            f"left as they are (users {', '.join(report.failed)}): they need their key "
+            "stored again"
+        )
+    click.echo(
+        "every stored key is under the new master key: `gateway keys status` shows it; the "
+        "old key may now leave the keyring"
+    )
 
 
 @main.group()

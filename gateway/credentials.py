@@ -25,8 +25,8 @@ from ipc.errors import CredentialGone, GatesUnavailable
 from ipc.gates import Gatekeeper, Permit, Rejected
 from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale
 from storage import repository
-from storage.crypto import MasterKey
-from storage.errors import DecryptionError, StorageError
+from storage.errors import DecryptionError, StorageError, UnknownKeyId
+from storage.keyring import KeyringSource
 from storage.tokens import hash_token
 
 log = logging.getLogger("gateway.credentials")
@@ -54,12 +54,12 @@ class CredentialCache:
     def __init__(
         self,
         gatekeeper: Gatekeeper | RedisGatekeeper,
-        master_key: MasterKey | None,
+        keyring: KeyringSource | None,
         *,
         max_entries: int = 10_000,
     ) -> None:
         self._gatekeeper = gatekeeper
-        self._master_key = master_key
+        self._keyring = keyring
         self._max_entries = max_entries
         self._entries: dict[str, ResolvedCredential] = {}
         self._generation = gatekeeper.generation()
@@ -115,7 +115,7 @@ class CredentialCache:
             stored = found.credential
             if stored is None:
                 raise AuthenticationFailed(NO_KEY_MESSAGE)
-            api_key = self._decrypt(stored.ciphertext, stored.nonce, found.user_id)
+            api_key = self._decrypt(stored, found.user_id)
             # Brings the shared gate to the row's cap if no later change is applied yet
             # (a change whose worker died before applying it is applied here).
             try:
@@ -133,11 +133,31 @@ class CredentialCache:
                 self._entries[token_hash] = entry
                 return entry
 
-    def _decrypt(self, ciphertext: bytes, nonce: bytes, user_id: uuid.UUID) -> str:
-        if self._master_key is None:
+    def _decrypt(self, stored: repository.Credential, user_id: uuid.UUID) -> str:
+        """The key in clear. The keyring is taken afresh first (one ``stat`` of a key
+        file, read again when it changed), so a key id met for the first time during a
+        rotation is found in a key added to the file since this worker started; a key id
+        the file does not hold either is a 500 that names it."""
+        if self._keyring is None:
             raise ServerFault("The gateway has no master key configured (GATEWAY_MASTER_KEY).")
+        keyring = self._keyring.current()
         try:
-            return self._master_key.decrypt(ciphertext, nonce, user_id=user_id)
+            return keyring.decrypt(
+                stored.ciphertext, stored.nonce, key_id=stored.key_id, user_id=user_id
+            )
+        except UnknownKeyId as exc:
+            log.error(
+                "stored Anthropic key of user %s is under master key id %s, which the "
+                "keyring does not hold (held: %s)",
+                user_id,
+                exc.key_id,
+                ", ".join(keyring.key_ids),
+            )
+            raise ServerFault(
+                "The stored Anthropic key could not be decrypted: it was encrypted under a "
+                f"master key this gateway does not hold (key id {exc.key_id}). Ask an "
+                "operator, or store the key again."
+            ) from None
         except DecryptionError:
             log.error("stored Anthropic key of user %s failed to decrypt", user_id)
             raise ServerFault(

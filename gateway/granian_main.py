@@ -56,6 +56,8 @@ def main() -> None:
         log_access=False,
         log_dictconfig=logging_dictconfig(options.log_level),
         working_dir=Path.cwd(),
+        ssl_cert=Path(options.tls_cert) if options.tls_cert else None,
+        ssl_key=Path(options.tls_key) if options.tls_key else None,
     )
     server.serve()
 

@@ -26,8 +26,9 @@ from gateway.metrics.exporter import (
     read_directory,
 )
 from gateway.metrics.folder import MetricsFolder
-from gateway.resources import resolve_master_key
+from gateway.resources import resolve_keyring
 from gateway.settings import GranianOptions, Settings, namespace_prefix, redacted_url
+from gateway.tls import CLEARTEXT_WARNING, is_loopback
 from ipc.errors import GatesUnavailable
 from ipc.leases import Redis, Store
 from ipc.namespace import NamespaceClaim
@@ -237,8 +238,19 @@ class Launcher:
             )
         elif after != before:
             log.info("open-file limit raised from %d to %d", before, after)
+        if not settings.tls and not is_loopback(settings.host):
+            log.warning(CLEARTEXT_WARNING.format(host=settings.host))
         asyncio.run(prepare_database(settings))
-        resolve_master_key(settings)
+        keyring = resolve_keyring(settings).current()
+        log.info(
+            "master keyring",
+            extra={
+                "key_ids": list(keyring.key_ids),
+                "source": "GATEWAY_MASTER_KEY"
+                if settings.master_key is not None
+                else str(settings.master_key_file),
+            },
+        )
         if settings.gates_url is not None:
             wait_for_shared_gates(settings)
         with NamespaceClaim(
@@ -285,7 +297,7 @@ class Launcher:
             log.info(
                 "gateway serving",
                 extra={
-                    "url": f"http://{self.settings.host}:{self.settings.port}",
+                    "url": f"{self.settings.scheme}://{self.settings.host}:{self.settings.port}",
                     "workers": self.options.workers,
                     "namespace": self.settings.ipc_namespace,
                     "global_cap": self.settings.max_global_concurrent,

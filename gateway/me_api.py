@@ -206,13 +206,14 @@ class AnthropicKeyController(Controller):
                         "max_concurrent: no Anthropic key configured yet; send key as well"
                     )
             else:
-                ciphertext, nonce = resources.require_master_key().encrypt(
+                ciphertext, nonce, key_id = resources.require_keyring().encrypt(
                     update.key, user_id=user_id
                 )
                 change = await repository.upsert_key(
                     user_id,
                     ciphertext=ciphertext,
                     nonce=nonce,
+                    key_id=key_id,
                     max_concurrent=update.max_concurrent,
                 )
         except StorageError as exc:

@@ -20,9 +20,9 @@ from ipc.gates import Gatekeeper
 from ipc.ledger import Ledger
 from ipc.queue import Queue
 from ipc.redis_gates import RedisGatekeeper
-from storage.crypto import MasterKey, load_or_create_master_key_file
 from storage.engine import bind_engine, close_engine, create_engine, open_engine
 from storage.errors import MasterKeyError
+from storage.keyring import Keyring, KeyringSource, open_keyring_file
 from storage.repository import KeyChange
 
 log = logging.getLogger("gateway.resources")
@@ -31,23 +31,31 @@ ANNOUNCE_TRIES = 5
 ANNOUNCE_PAUSE = 0.2
 
 
-def resolve_master_key(settings: Settings) -> MasterKey:
-    """GATEWAY_MASTER_KEY, or for the zero-configuration SQLite default a key file
-    (created by the launcher on first start, read by the workers)."""
+def resolve_keyring(settings: Settings, *, create: bool = True) -> KeyringSource:
+    """GATEWAY_MASTER_KEY (fixed for the life of the process), or a keyring file that
+    running workers read again when it changes: GATEWAY_MASTER_KEY_FILE, or for the
+    zero-configuration SQLite default the data folder's ``master.key`` (created by the
+    launcher on first start, read by the workers; ``create=False``: never created)."""
     if settings.master_key is not None:
-        return MasterKey.from_base64(settings.master_key.reveal())
-    if not settings.is_sqlite:
-        raise MasterKeyError(
-            "GATEWAY_MASTER_KEY is required with PostgreSQL: generate one with "
-            "`gateway keygen` and keep it safe"
+        return KeyringSource(
+            Keyring.parse(settings.master_key.reveal(), where="GATEWAY_MASTER_KEY")
         )
-    key, created = load_or_create_master_key_file(settings.master_key_file)
+    if settings.master_key_path is None and not settings.is_sqlite:
+        raise MasterKeyError(
+            "GATEWAY_MASTER_KEY or GATEWAY_MASTER_KEY_FILE is required with PostgreSQL: "
+            "generate a key with `gateway keygen` and keep it safe"
+        )
+    # A file named by GATEWAY_MASTER_KEY_FILE is never created: a typo in its path
+    # would otherwise start a fresh key that decrypts nothing stored.
+    source, created = open_keyring_file(
+        settings.master_key_file, create=create and settings.master_key_path is None
+    )
     if created:
         log.warning(
             "created a new master key file %s (mode 0600): back it up",
             settings.master_key_file,
         )
-    return key
+    return source
 
 
 class WorkerResources(ProxyRuntime):
@@ -55,7 +63,7 @@ class WorkerResources(ProxyRuntime):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.master_key: MasterKey | None = None
+        self.keyring: KeyringSource | None = None
         self.worker_metrics: WorkerMetrics | None = None
         self.shared: RedisGatekeeper | None = None  # shared gates (Redis) instead of POSIX
 
@@ -64,7 +72,7 @@ class WorkerResources(ProxyRuntime):
         self.engine = create_engine(settings.database_url)
         bind_engine(self.engine)
         await open_engine(self.engine)
-        self.master_key = resolve_master_key(settings)
+        self.keyring = resolve_keyring(settings)
         if settings.gates_url is not None:
             self.shared = RedisGatekeeper(
                 settings.gates_url.reveal(),
@@ -73,7 +81,7 @@ class WorkerResources(ProxyRuntime):
                 lease_seconds=settings.lease_seconds,
             )
             await self.shared.open()
-            self.credentials = CredentialCache(self.shared, self.master_key)
+            self.credentials = CredentialCache(self.shared, self.keyring)
             # With the wait queue on, a request over a cap polls Redis (``admit_shared``).
             self.queue = None
         else:
@@ -87,7 +95,7 @@ class WorkerResources(ProxyRuntime):
             except BaseException:
                 self.ledger.close()
                 raise
-            self.credentials = CredentialCache(self.gatekeeper, self.master_key)
+            self.credentials = CredentialCache(self.gatekeeper, self.keyring)
             self.queue = (
                 Queue(
                     settings.ipc_namespace,
@@ -120,10 +128,11 @@ class WorkerResources(ProxyRuntime):
             self.ledger.close()
         await close_engine(self.engine)
 
-    def require_master_key(self) -> MasterKey:
-        if self.master_key is None:
+    def require_keyring(self) -> Keyring:
+        """The keyring to encrypt with now (a key file changed on disk is read again)."""
+        if self.keyring is None:
             raise ServerFault("The gateway has no master key configured (GATEWAY_MASTER_KEY).")
-        return self.master_key
+        return self.keyring.current()
 
     async def before_change(self) -> None:
         """Shared gates: refuse a change (nothing committed) while the store that must

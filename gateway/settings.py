@@ -40,7 +40,14 @@ class Secret(str):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path
     database_url: str
+    # GATEWAY_MASTER_KEY: one key, or a keyring (new first) separated by commas.
     master_key: Secret | None = None
+    # GATEWAY_MASTER_KEY_FILE: a keyring file (one key a line, new first), read again by
+    # running workers when it changes; None: the data folder's master.key (SQLite only).
+    master_key_path: Path | None = None
+    # GATEWAY_TLS_CERT / GATEWAY_TLS_KEY: serve HTTPS (both or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_read_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
@@ -69,7 +76,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def master_key_file(self) -> Path:
-        return self.data_dir / "master.key"
+        return self.master_key_path or self.data_dir / "master.key"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def shared_gates(self) -> bool:
@@ -114,6 +129,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SettingsError(f"GATEWAY_METRICS_PORT must be at most 65535, got {metrics_port}")
         metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
         raw_key = env.get("GATEWAY_MASTER_KEY")
+        key_file = env.get("GATEWAY_MASTER_KEY_FILE")
+        if raw_key and key_file:
+            raise SettingsError(
+                "set GATEWAY_MASTER_KEY or GATEWAY_MASTER_KEY_FILE, not both: the keyring "
+                "must come from one place"
+            )
+        tls_cert = overrides.get("tls_cert") or env.get("GATEWAY_TLS_CERT")
+        tls_key = overrides.get("tls_key") or env.get("GATEWAY_TLS_KEY")
+        if bool(tls_cert) != bool(tls_key):
+            raise SettingsError(
+                "TLS needs both a certificate and its key: set GATEWAY_TLS_CERT and "
+                "GATEWAY_TLS_KEY (or --tls-cert and --tls-key) together"
+            )
         namespace = str(
             overrides.get("ipc_namespace")
             or env.get("GATEWAY_IPC_NAMESPACE")
@@ -123,6 +151,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             data_dir=data_dir,
             database_url=database_url,
             master_key=Secret(raw_key) if raw_key else None,
+            master_key_path=Path(key_file).expanduser().absolute() if key_file else None,
+            tls_cert=Path(str(tls_cert)).expanduser().absolute() if tls_cert else None,
+            tls_key=Path(str(tls_key)).expanduser().absolute() if tls_key else None,
             upstream_url=str(
                 overrides.get("upstream_url")
                 or env.get("GATEWAY_UPSTREAM_URL")
@@ -323,3 +354,6 @@ class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):
     # HTTP/1.1 only: Granian's auto-detecting connection holds about 12 KiB more per open
     # stream (measured), and no agent SDK speaks cleartext HTTP/2 to a gateway.
     http: str = "1"
+    # Granian's own TLS (checked by the launcher first: readable, private, matching).
+    tls_cert: str | None = None
+    tls_key: str | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import secrets
 import uuid
@@ -17,13 +19,17 @@ from storage.errors import DecryptionError, MasterKeyError
 
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12  # 96 bits, the size GCM is designed for
+# A key id is a keyed hash of the key itself, cut to 8 hex digits: enough to tell a few
+# keys in a ring apart, and nothing an attacker could use to recover or test a key.
+KEY_ID_HEX: Final = 8
+_KEY_ID_LABEL: Final = b"gateway master key id v1"
 _HOW_TO_MAKE_ONE: Final = "make one with `gateway keygen`"
 
 
 class MasterKey:
     """The 32-byte key that encrypts every stored Anthropic key; never printed."""
 
-    __slots__ = ("_aead", "_key")
+    __slots__ = ("_aead", "_key", "key_id")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
@@ -32,6 +38,7 @@ class MasterKey:
             )
         self._aead = AESGCM(key)
         self._key = key
+        self.key_id = hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:KEY_ID_HEX]
 
     @classmethod
     def from_base64(cls, text: str) -> MasterKey:
@@ -60,7 +67,7 @@ class MasterKey:
         return base64.b64encode(self._key).decode("ascii")
 
     def __repr__(self) -> str:
-        return "MasterKey('**********')"
+        return f"MasterKey(key_id={self.key_id!r})"
 
     def encrypt(self, plaintext: str, *, user_id: uuid.UUID) -> tuple[bytes, bytes]:
         """Return (ciphertext, nonce); the user id is bound as associated data."""

@@ -7,6 +7,7 @@
     └── CryptoError
         ├── MasterKeyError        the master key is missing or malformed
         └── DecryptionError       a stored key does not decrypt under this master key
+            └── UnknownKeyId      ...because its master key is not in the keyring
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class MasterKeyError(CryptoError):
 
 class DecryptionError(CryptoError):
     """A ciphertext does not decrypt (wrong master key, wrong user, or tampered)."""
+
+
+class UnknownKeyId(DecryptionError):
+    """A ciphertext names a master key id the keyring does not hold."""
+
+    def __init__(self, message: str, *, key_id: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 # SQLite primary result codes that mean "the file cannot be used now", as opposed to a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -40,6 +41,7 @@ class Credential(msgspec.Struct, frozen=True):
     nonce: bytes
     max_concurrent: int
     cap_version: int
+    key_id: str | None  # the master key that made the ciphertext; None: before key ids
 
 
 class TokenLookup(msgspec.Struct, frozen=True):
@@ -67,6 +69,23 @@ class KeyCap(msgspec.Struct, frozen=True):
     user_name: str
     max_concurrent: int
     cap_version: int
+
+
+class StoredCiphertext(msgspec.Struct, frozen=True):
+    """One stored key as the master-key rotation sees it."""
+
+    user_id: uuid.UUID
+    ciphertext: bytes
+    nonce: bytes
+    key_id: str | None
+
+
+class Reencrypted(msgspec.Struct, frozen=True):
+    """What one batch of a master-key rotation did."""
+
+    rewritten: int
+    failed: list[uuid.UUID]  # rows that did not decrypt: left as they are
+    last_user: uuid.UUID | None  # where the next batch starts; None: nothing was left
 
 
 class KeyStatus(msgspec.Struct, frozen=True):
@@ -147,7 +166,8 @@ async def list_tokens(user_id: uuid.UUID | None = None) -> list[TokenRecord]:
 # their credential, so it is written out rather than built.
 _LOOKUP_TOKEN_SQL: Final = """
     SELECT t."user" AS user_id, k.ciphertext AS ciphertext, k.nonce AS nonce,
-           k.max_concurrent AS max_concurrent, k.cap_version AS cap_version
+           k.key_id AS key_id, k.max_concurrent AS max_concurrent,
+           k.cap_version AS cap_version
     FROM gateway_tokens AS t
     LEFT JOIN user_anthropic_keys AS k ON k."user" = t."user"
     WHERE t.token_hash = {} AND t.revoked_at IS NULL
@@ -170,7 +190,12 @@ async def lookup_token(token_hash: str) -> TokenLookup | None:
 
 
 async def upsert_key(
-    user_id: uuid.UUID, *, ciphertext: bytes, nonce: bytes, max_concurrent: int | None
+    user_id: uuid.UUID,
+    *,
+    ciphertext: bytes,
+    nonce: bytes,
+    key_id: str,
+    max_concurrent: int | None,
 ) -> KeyChange:
     """Store or rotate the user's key. Without a cap a new row gets 8 and a rotation
     keeps the stored cap; with one, it replaces it. Always bumps the cap version."""
@@ -189,6 +214,7 @@ async def upsert_key(
                     user=user_id,
                     ciphertext=ciphertext,
                     nonce=nonce,
+                    key_id=key_id,
                     max_concurrent=current.max_concurrent,
                     cap_version=current.cap_version,
                     created_at=now,
@@ -207,7 +233,11 @@ async def upsert_key(
                 user_id,
                 current,
                 _advance(updated_at, now),
-                {UserAnthropicKey.ciphertext: ciphertext, UserAnthropicKey.nonce: nonce},
+                {
+                    UserAnthropicKey.ciphertext: ciphertext,
+                    UserAnthropicKey.nonce: nonce,
+                    UserAnthropicKey.key_id: key_id,
+                },
             )
     return KeyChange(user_id=user_id, previous=previous, current=current)
 
@@ -300,6 +330,7 @@ async def get_credential(user_id: uuid.UUID) -> Credential | None:
             await UserAnthropicKey.select(
                 UserAnthropicKey.ciphertext,
                 UserAnthropicKey.nonce,
+                UserAnthropicKey.key_id,
                 UserAnthropicKey.max_concurrent,
                 UserAnthropicKey.cap_version,
             )
@@ -308,6 +339,82 @@ async def get_credential(user_id: uuid.UUID) -> Credential | None:
             .run()
         )
     return None if row is None else _credential(user_id, row)
+
+
+# ------------------------------------------------------------ master-key rotation
+
+
+async def count_keys_by_key_id() -> dict[str | None, int]:
+    """How many stored keys each master key id made (None: made before key ids)."""
+    with translate_errors():
+        rows = await UserAnthropicKey.raw(
+            "SELECT key_id, COUNT(*) AS n FROM user_anthropic_keys GROUP BY key_id"
+        ).run()
+    return {row["key_id"]: int(row["n"]) for row in rows}
+
+
+# Rows not yet under the target key, in user order from a starting point (keyset
+# pagination: a row that cannot be re-encrypted is passed over, never met again). On
+# Postgres the batch's rows are locked until its commit, so a key stored meanwhile by a
+# settings PUT waits, then lands on top (never overwritten with the old plaintext);
+# SQLite's BEGIN IMMEDIATE already keeps every other writer out.
+_ROTATION_BATCH_SQL: Final = """
+    SELECT "user" AS user_id, ciphertext, nonce, key_id
+    FROM user_anthropic_keys
+    WHERE (key_id IS NULL OR key_id <> {{}}) {after}
+    ORDER BY "user"
+    LIMIT {limit}{lock}
+"""
+
+
+async def reencrypt_batch(
+    *,
+    target_key_id: str,
+    after: uuid.UUID | None,
+    limit: int,
+    reencrypt: Callable[[StoredCiphertext], tuple[bytes, bytes, str] | None],
+) -> Reencrypted:
+    """In one write transaction: up to ``limit`` stored keys (by user id, after ``after``)
+    not under ``target_key_id``, each rewritten with what ``reencrypt`` returns
+    (ciphertext, nonce, key id), or left alone and reported when it returns None.
+
+    Only the ciphertext, nonce and key id change: not the cap version (nothing about the
+    credential's gate changed) nor ``updated_at`` (the user changed nothing).
+    """
+    postgres = not isinstance(User._meta.db, SQLiteEngine)
+    sql = _ROTATION_BATCH_SQL.format(
+        after="" if after is None else 'AND "user" > {}',
+        limit=int(limit),
+        lock=" FOR UPDATE" if postgres else "",
+    )
+    args: list[object] = [target_key_id] if after is None else [target_key_id, after]
+    rewritten, failed = 0, []
+    last: uuid.UUID | None = None
+    with translate_errors():
+        async with _write_transaction():
+            rows = await UserAnthropicKey.raw(sql, *args).run()
+            for row in rows:
+                stored = StoredCiphertext(
+                    user_id=_uuid(row["user_id"]),
+                    ciphertext=bytes(row["ciphertext"]),
+                    nonce=bytes(row["nonce"]),
+                    key_id=row["key_id"],
+                )
+                last = stored.user_id
+                result = reencrypt(stored)
+                if result is None:
+                    failed.append(stored.user_id)
+                    continue
+                ciphertext, nonce, key_id = result
+                await UserAnthropicKey.update(
+                    {
+                        UserAnthropicKey.ciphertext: ciphertext,
+                        UserAnthropicKey.nonce: nonce,
+                        UserAnthropicKey.key_id: key_id,
+                    }
+                ).where(UserAnthropicKey.user == stored.user_id).run()
+                rewritten += 1
+    return Reencrypted(rewritten=rewritten, failed=failed, last_user=last)
 
 
 # -------------------------------------------------------------------------- helpers
@@ -430,4 +537,5 @@ def _credential(user_id: uuid.UUID, row: dict[str, Any]) -> Credential:
         nonce=bytes(row["nonce"]),
         max_concurrent=row["max_concurrent"],
         cap_version=row["cap_version"],
+        key_id=row["key_id"],
     )

@@ -62,6 +62,13 @@ class UserAnthropicKey(Table, tablename="user_anthropic_keys"):
     )
     ciphertext = Bytea(help_text="AES-256-GCM ciphertext of the key; associated data = user id.")
     nonce = Bytea(help_text="The 96-bit GCM nonce, random per encryption.")
+    key_id = Varchar(
+        length=16,
+        null=True,
+        default=None,
+        help_text="Id of the master key that made the ciphertext; NULL: made before key ids "
+        "(tried under every key of the ring).",
+    )
     max_concurrent = Integer(
         default=DEFAULT_MAX_CONCURRENT,
         null=False,

@@ -663,7 +663,9 @@ async def _user_with_a_stored_key(database_url: str, master_key: str, key: str) 
         user = await repository.create_user(f"s{uuid.uuid4().hex[:10]}")
         _record, token = await repository.issue_token(user.id, label="settings test")
         ciphertext, nonce = MasterKey.from_base64(master_key).encrypt(key, user_id=user.id)
-        await repository.upsert_key(user.id, ciphertext=ciphertext, nonce=nonce, max_concurrent=2)
+        await repository.upsert_key(
+            user.id, ciphertext=ciphertext, nonce=nonce, key_id=None, max_concurrent=2
+        )
         return token
     finally:
         for table, db in previous:

@@ -35,7 +35,7 @@ async def test_raw_insert_out_of_range_is_refused(db: AnyEngine, cap: int) -> No
 @pytest.mark.parametrize("cap", OUT_OF_RANGE)
 async def test_raw_update_out_of_range_is_refused(db: AnyEngine, cap: int) -> None:
     user_id = await _user()
-    await repository.upsert_key(user_id, ciphertext=b"c", nonce=b"n", max_concurrent=4)
+    await repository.upsert_key(user_id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=4)
     with pytest.raises(IntegrityViolation), translate_errors():
         await db.run_querystring(QueryString(UPDATE, cap, user_id))
     assert (await repository.key_status(user_id)).max_concurrent == 4
@@ -56,13 +56,19 @@ async def test_repository_writes_out_of_range_are_refused_and_rolled_back(
 ) -> None:
     user_id = await _user()
     with pytest.raises(IntegrityViolation):
-        await repository.upsert_key(user_id, ciphertext=b"c", nonce=b"n", max_concurrent=cap)
+        await repository.upsert_key(
+            user_id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=cap
+        )
     assert await repository.get_credential(user_id) is None
-    stored = await repository.upsert_key(user_id, ciphertext=b"c", nonce=b"n", max_concurrent=4)
+    stored = await repository.upsert_key(
+        user_id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=4
+    )
     with pytest.raises(IntegrityViolation):
         await repository.update_cap(user_id, cap)
     with pytest.raises(IntegrityViolation):
-        await repository.upsert_key(user_id, ciphertext=b"x", nonce=b"y", max_concurrent=cap)
+        await repository.upsert_key(
+            user_id, ciphertext=b"x", nonce=b"y", key_id=None, max_concurrent=cap
+        )
     credential = await repository.get_credential(user_id)
     assert credential is not None
     assert stored.current is not None

@@ -29,7 +29,7 @@ async def test_ping_succeeds_on_a_migrated_database(db: AnyEngine) -> None:
 
 async def test_migrate_twice_is_a_no_op(db: AnyEngine) -> None:
     before = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
-    assert len(before) == 2  # the tables, then the max_concurrent bound
+    assert len(before) == 3  # the tables, the max_concurrent bound, the key id
     await migrate(db)
     after = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
     assert after == before

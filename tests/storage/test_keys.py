@@ -25,7 +25,7 @@ async def _user() -> uuid.UUID:
 
 async def _put(user_id: uuid.UUID, *, cap: int | None = None, key: bytes = b"c") -> CapState:
     change = await repository.upsert_key(
-        user_id, ciphertext=key, nonce=b"n" * 12, max_concurrent=cap
+        user_id, ciphertext=key, nonce=b"n" * 12, key_id=None, max_concurrent=cap
     )
     assert change.current is not None
     return change.current
@@ -34,7 +34,9 @@ async def _put(user_id: uuid.UUID, *, cap: int | None = None, key: bytes = b"c")
 async def test_round_trip_through_encryption(db: AnyEngine, master_key: MasterKey) -> None:
     user_id = await _user()
     ciphertext, nonce = master_key.encrypt(SECRET, user_id=user_id)
-    await repository.upsert_key(user_id, ciphertext=ciphertext, nonce=nonce, max_concurrent=None)
+    await repository.upsert_key(
+        user_id, ciphertext=ciphertext, nonce=nonce, key_id=None, max_concurrent=None
+    )
     credential = await repository.get_credential(user_id)
     assert credential is not None
     assert (credential.user_id, credential.ciphertext, credential.nonce) == (
@@ -50,7 +52,9 @@ async def test_stored_row_does_not_contain_the_plaintext(
 ) -> None:
     user_id = await _user()
     ciphertext, nonce = master_key.encrypt(SECRET, user_id=user_id)
-    await repository.upsert_key(user_id, ciphertext=ciphertext, nonce=nonce, max_concurrent=None)
+    await repository.upsert_key(
+        user_id, ciphertext=ciphertext, nonce=nonce, key_id=None, max_concurrent=None
+    )
     rows = await UserAnthropicKey.select().run()
     assert len(rows) == 1
     stored = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in rows[0].values())
@@ -72,7 +76,9 @@ async def test_missing_key_gives_none(db: AnyEngine) -> None:
 
 async def test_new_key_defaults_to_cap_8(db: AnyEngine) -> None:
     user_id = await _user()
-    change = await repository.upsert_key(user_id, ciphertext=b"c", nonce=b"n", max_concurrent=None)
+    change = await repository.upsert_key(
+        user_id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=None
+    )
     assert change.previous is None
     assert change.current is not None
     assert change.current.max_concurrent == 8
@@ -95,7 +101,7 @@ async def test_rotation_replaces_the_key(db: AnyEngine) -> None:
     user_id = await _user()
     first = await _put(user_id, key=b"old")
     change = await repository.upsert_key(
-        user_id, ciphertext=b"new", nonce=b"m" * 12, max_concurrent=None
+        user_id, ciphertext=b"new", nonce=b"m" * 12, key_id=None, max_concurrent=None
     )
     assert change.previous == first
     credential = await repository.get_credential(user_id)
@@ -163,7 +169,9 @@ async def test_delete_key_and_delete_again(db: AnyEngine) -> None:
 
 async def test_key_for_unknown_user_is_refused(db: AnyEngine) -> None:
     with pytest.raises(IntegrityViolation):
-        await repository.upsert_key(uuid.uuid4(), ciphertext=b"c", nonce=b"n", max_concurrent=None)
+        await repository.upsert_key(
+            uuid.uuid4(), ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=None
+        )
 
 
 async def test_cap_version_bumps_on_every_change_and_never_repeats(db: AnyEngine) -> None:
@@ -204,7 +212,9 @@ async def test_concurrent_first_stores_make_one_row_and_one_chain(db: AnyEngine)
     user_id = await _user()
     changes = await asyncio.gather(
         *(
-            repository.upsert_key(user_id, ciphertext=bytes([i]), nonce=b"n", max_concurrent=i)
+            repository.upsert_key(
+                user_id, ciphertext=bytes([i]), nonce=b"n", key_id=None, max_concurrent=i
+            )
             for i in range(1, 11)
         )
     )

@@ -100,7 +100,7 @@ async def test_lookup_token_returns_the_credential_in_one_call(db: AnyEngine) ->
     alice = await repository.create_user("alice")
     _, token = await repository.issue_token(alice.id)
     change = await repository.upsert_key(
-        alice.id, ciphertext=b"cipher", nonce=b"n" * 12, max_concurrent=3
+        alice.id, ciphertext=b"cipher", nonce=b"n" * 12, key_id=None, max_concurrent=3
     )
     assert change.current is not None
     found = await repository.lookup_token(hash_token(token))
@@ -112,6 +112,7 @@ async def test_lookup_token_returns_the_credential_in_one_call(db: AnyEngine) ->
             nonce=b"n" * 12,
             max_concurrent=3,
             cap_version=change.current.cap_version,
+            key_id=None,
         ),
     )
     assert found.credential == await repository.get_credential(alice.id)
@@ -122,8 +123,12 @@ async def test_deleting_a_user_cascades_to_tokens_and_key(db: AnyEngine) -> None
     bob = await repository.create_user("bob")
     _, token = await repository.issue_token(alice.id)
     _, bob_token = await repository.issue_token(bob.id)
-    await repository.upsert_key(alice.id, ciphertext=b"c", nonce=b"n", max_concurrent=None)
-    await repository.upsert_key(bob.id, ciphertext=b"c", nonce=b"n", max_concurrent=None)
+    await repository.upsert_key(
+        alice.id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=None
+    )
+    await repository.upsert_key(
+        bob.id, ciphertext=b"c", nonce=b"n", key_id=None, max_concurrent=None
+    )
     assert await repository.delete_user("alice") is True
     assert await repository.lookup_token(hash_token(token)) is None
     assert await repository.list_tokens(alice.id) == []
