@@ -354,12 +354,12 @@ def test_metrics_folder_is_removed_at_exit(start_gateway: Callable[..., GatewayP
 def test_serve_metrics_port_flag_overrides_the_environment(
     gateway_env: dict[str, str], tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, proxy_port = free_port(), free_port()
     env = {**gateway_env, "GATEWAY_METRICS_PORT": "0"}
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), "--workers", "1",
-         "--metrics-port", str(port)],
+        [sys.executable, "-m", "gateway", "serve", "--port", str(proxy_port), "--workers", "1",
+         "--metrics-port", str(port), "--worker-kill-timeout", "5"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -374,10 +374,23 @@ def test_serve_metrics_port_flag_overrides_the_environment(
                 continue
             assert "gateway_workers" in response.text
             break
+        # Stopped once its worker serves: Granian holds a SIGTERM that lands while a worker
+        # is still starting until the worker kill timeout (a loaded machine starts slowly).
+        while not _answers(f"http://127.0.0.1:{proxy_port}/healthz"):
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the worker never served"
+            time.sleep(0.1)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
         log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # -- the deploy files --------------------------------------------------------------------
