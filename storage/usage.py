@@ -56,7 +56,7 @@ class UsageRecord(msgspec.Struct, frozen=True):
 
 
 _COLUMNS: Final = ('"user"', "hour", "model", *COUNTS)
-_UPSERT_HEAD: Final = f"INSERT INTO usage_hourly ({', '.join(_COLUMNS)}) VALUES "
+_UPSERT_HEAD: Final = f"INSERT INTO usage_hourly ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608 - constant names
 _UPSERT_TAIL: Final = ' ON CONFLICT ("user", hour, model) DO UPDATE SET ' + ", ".join(
     f"{name} = usage_hourly.{name} + excluded.{name}" for name in COUNTS
 )

@@ -1,0 +1,138 @@
+"""Reading token usage out of a response the relay already forwarded: SSE events or JSON.
+
+Streamed: ``message_start`` names the model and the usage so far, each ``message_delta``
+carries a cumulative ``usage`` (the latest value of each field wins, never a sum). Only
+events of those two types are decoded, into small Structs; the relay hands over whole
+events it already cut on their boundaries, after it sent them. Non-streamed: the body's
+``model`` and ``usage``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+_START: Final = b"message_start"
+_DELTA: Final = b"message_delta"
+# The largest non-streamed body read for its usage; a bigger one counts as a request only.
+MAX_METERED_BODY: Final = 8 * 1024 * 1024
+
+
+class Usage(msgspec.Struct, frozen=True):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _Message(msgspec.Struct, frozen=True):
+    model: str = ""
+    usage: Usage | None = None
+
+
+class _MessageStart(msgspec.Struct, frozen=True):
+    message: _Message
+
+
+class _MessageDelta(msgspec.Struct, frozen=True):
+    usage: Usage | None = None
+
+
+_decode_start = msgspec.json.Decoder(_MessageStart).decode
+_decode_delta = msgspec.json.Decoder(_MessageDelta).decode
+_decode_message = msgspec.json.Decoder(_Message).decode
+
+
+class Meter:
+    """What one response reported: the model and the latest value of each token count."""
+
+    __slots__ = (
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "input_tokens",
+        "model",
+        "output_tokens",
+    )
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cache_creation_input_tokens = 0
+        self.cache_read_input_tokens = 0
+
+    def events(self, data: bytes) -> None:
+        """Whole SSE events, as relayed; only ``message_start``/``message_delta`` decoded.
+
+        Two substring searches decide for most chunks (text deltas) that there is nothing
+        to read; an event only mentioning those names in its text is parsed and skipped.
+        """
+        if _START in data or _DELTA in data:
+            for kind, payload in _events(data):
+                self._event(kind, payload)
+
+    def body(self, data: bytes) -> None:
+        """A whole non-streamed ``/v1/messages`` JSON body."""
+        try:
+            message = _decode_message(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.model = message.model
+        if message.usage is not None:
+            self._usage(message.usage)
+
+    def _event(self, kind: bytes, payload: bytes) -> None:
+        try:
+            if kind == _START:
+                start = _decode_start(payload)
+                self.model = start.message.model
+                usage = start.message.usage
+            else:
+                usage = _decode_delta(payload).usage
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if usage is not None:
+            self._usage(usage)
+
+    def _usage(self, usage: Usage) -> None:
+        # Cumulative: a field present replaces what was seen; an absent one keeps it.
+        if usage.input_tokens is not None:
+            self.input_tokens = usage.input_tokens
+        if usage.output_tokens is not None:
+            self.output_tokens = usage.output_tokens
+        if usage.cache_creation_input_tokens is not None:
+            self.cache_creation_input_tokens = usage.cache_creation_input_tokens
+        if usage.cache_read_input_tokens is not None:
+            self.cache_read_input_tokens = usage.cache_read_input_tokens
+
+
+def _events(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``message_start``/``message_delta`` events in ``data``: (type, data field).
+
+    SSE's rules: lines end in CRLF, LF or CR; a blank line ends an event; ``event:`` names
+    its type, ``data:`` lines join with LF; one space after the colon is dropped. An event
+    not ended by a blank line within ``data`` is left out (the relay only hands over
+    whole events; the tail of a stream cut mid-event is incomplete).
+    """
+    found: list[tuple[bytes, bytes]] = []
+    kind = b""
+    payload: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        stripped = line.rstrip(b"\r\n")
+        if not stripped:
+            if line and kind in (_START, _DELTA) and payload:
+                found.append((kind, b"\n".join(payload)))
+            kind = b""
+            payload = []
+            continue
+        name, colon, value = stripped.partition(b":")
+        if not colon:
+            continue
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"event":
+            kind = value
+        elif name == b"data":
+            payload.append(value)
+    return found
