@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import anthropic
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.databases import _admin, _run_in_thread
 from tests.fixtures.gateway import HOLD_QUERY, GatewayProcess, held_streams
@@ -359,3 +360,41 @@ def _logged(gateway: GatewayProcess, start: str) -> int:
     return sum(
         1 for record in gateway.log_records() if str(record.get("msg", "")).startswith(start)
     )
+
+
+def test_tokens_are_exported_to_prometheus_by_user_model_and_kind(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gateway = start_gateway(workers=2)
+    token, _ = gateway.user_with_key("alice")
+    for stream in (False, True, False):
+        response = httpx.post(
+            f"{gateway.url}/v1/messages",
+            params=KNOWN,
+            json={**MESSAGE, "stream": stream},
+            headers={"x-api-key": token},
+            timeout=10,
+        )
+        assert response.status_code == 200
+    expected = {
+        "input": 300.0,
+        "output": 12.0,
+        "cache_creation_input": 21.0,
+        "cache_read_input": 33.0,
+    }
+    deadline = time.monotonic() + 20
+    while True:
+        assert gateway.metrics_url is not None
+        text = httpx.get(gateway.metrics_url, timeout=10).text
+        found = {
+            sample.labels["kind"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "gateway_tokens_total"
+            and sample.labels.get("user") == "alice"
+            and sample.labels.get("model") == "claude-test"
+        }
+        if found == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found == expected
