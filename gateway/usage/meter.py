@@ -69,7 +69,8 @@ class Meter:
         to read; an event only mentioning those names in its text is parsed and skipped.
         """
         if _START in data or _DELTA in data:
-            for kind, payload in _events(data):
+            found = _events(data) if b"\r" in data else _lf_events(data)
+            for kind, payload in found:
                 self._event(kind, payload)
 
     def body(self, data: bytes) -> None:
@@ -107,6 +108,27 @@ class Meter:
             self.cache_read_input_tokens = usage.cache_read_input_tokens
 
 
+def _lf_events(data: bytes) -> list[tuple[bytes, bytes]]:
+    """``_events`` for the usual stream, whose lines all end in LF: each mention of a type
+    of ours is looked into, between the blank lines around it (a few C-level searches,
+    however many other events the chunk holds)."""
+    found: list[tuple[int, bytes, bytes]] = []
+    for marker in (_START, _DELTA):
+        at = data.find(marker)
+        while at >= 0:
+            end = data.find(b"\n\n", at)
+            if end < 0:
+                break  # not ended by a blank line
+            begin = data.rfind(b"\n\n", 0, at) + 2
+            event = _event_of(data[begin if begin > 1 else 0 : end].split(b"\n"))
+            if event is not None:
+                found.append((begin, *event))
+            at = data.find(marker, end)
+    if len(found) > 1:
+        found.sort()  # in stream order: the latest value wins
+    return [(kind, payload) for _, kind, payload in found]
+
+
 def _events(data: bytes) -> list[tuple[bytes, bytes]]:
     """The ``message_start``/``message_delta`` events in ``data``: (type, data field).
 
@@ -116,17 +138,24 @@ def _events(data: bytes) -> list[tuple[bytes, bytes]]:
     whole events; the tail of a stream cut mid-event is incomplete).
     """
     found: list[tuple[bytes, bytes]] = []
+    lines: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        if line in (b"\n", b"\r", b"\r\n"):
+            event = _event_of(lines)
+            if event is not None:
+                found.append(event)
+            lines = []
+        else:
+            lines.append(line.rstrip(b"\r\n"))
+    return found
+
+
+def _event_of(lines: list[bytes]) -> tuple[bytes, bytes] | None:
+    """The type and data of one event's lines, when its type is one of ours."""
     kind = b""
     payload: list[bytes] = []
-    for line in data.splitlines(keepends=True):
-        stripped = line.rstrip(b"\r\n")
-        if not stripped:
-            if line and kind in (_START, _DELTA) and payload:
-                found.append((kind, b"\n".join(payload)))
-            kind = b""
-            payload = []
-            continue
-        name, colon, value = stripped.partition(b":")
+    for line in lines:
+        name, colon, value = line.partition(b":")
         if not colon:
             continue
         if value[:1] == b" ":
@@ -135,4 +164,6 @@ def _events(data: bytes) -> list[tuple[bytes, bytes]]:
             kind = value
         elif name == b"data":
             payload.append(value)
-    return found
+    if kind in (_START, _DELTA) and payload:
+        return kind, b"\n".join(payload)
+    return None
