@@ -655,7 +655,14 @@ def main(
 
 
 def measure_usage(
-    *, workers: int, concurrency: int, seconds: int, rounds: int, transport: str, metrics: bool
+    *,
+    workers: int,
+    concurrency: int,
+    seconds: int,
+    rounds: int,
+    transport: str,
+    metrics: bool,
+    states: tuple[str, str] = ("on", "off"),
 ) -> None:
     """Worker CPU per request with usage accounting on and off, streamed and JSON.
 
@@ -678,17 +685,20 @@ def measure_usage(
                 global_cap=100_000,
                 transport=transport,
                 metrics=metrics,
-                usage=state == "on",
+                usage=state.startswith("on"),
             )
-            for state in ("on", "off")
+            for state in states
         }
         try:
             tokens = {state: gateway.user("usage") for state, gateway in gateways.items()}
             cpu: dict[tuple[str, str], list[float]] = {}
             rps: dict[tuple[str, str], list[float]] = {}
-            for _ in range(rounds):
+            for index in range(rounds):
+                # Each round in the other order: a neighbour's load or a warming cache
+                # must not always favour the same side.
+                order = list(gateways.items())[:: 1 if index % 2 == 0 else -1]
                 for kind, message in (("streamed", STREAM_MESSAGE), ("json", MESSAGE)):
-                    for state, gateway in gateways.items():
+                    for state, gateway in order:
                         before = gateway.worker_cpu_seconds()
                         if have_wrk:
                             row = wrk_json(
@@ -710,22 +720,64 @@ def measure_usage(
         finally:
             for gateway in gateways.values():
                 gateway.stop()
-    print(f"  {'request':<9} {'usage on':>16} {'usage off':>16} {'difference':>11}")
+    path_cost = usage_path_cost()
+    first, second = states
+    print(f"  {'request':<9} {'usage ' + first:>16} {'usage ' + second:>16} {'difference':>11}")
     for kind in ("streamed", "json"):
-        on = statistics.median(cpu[(kind, "on")])
-        off = statistics.median(cpu[(kind, "off")])
+        on = statistics.median(cpu[(kind, first)])
+        off = statistics.median(cpu[(kind, second)])
         budget = "  (budget: +3%)" if kind == "streamed" else ""
         print(
             f"  {kind:<9} {on:13.0f} µs {off:13.0f} µs {(on / off - 1) * 100:+10.1f}%{budget}"
         )
         rounds_text = ", ".join(
-            f"{a:.0f}/{b:.0f}" for a, b in zip(cpu[(kind, "on")], cpu[(kind, "off")], strict=True)
+            f"{a:.0f}/{b:.0f}" for a, b in zip(cpu[(kind, first)], cpu[(kind, second)], strict=True)
         )
         print(
-            f"  {'':<9} each round on/off µs: {rounds_text}; req/s on "
-            f"{statistics.median(rps[(kind, 'on')]):.0f}, off "
-            f"{statistics.median(rps[(kind, 'off')]):.0f}"
+            f"  {'':<9} each round {first}/{second} µs: {rounds_text}; req/s {first} "
+            f"{statistics.median(rps[(kind, first)]):.0f}, {second} "
+            f"{statistics.median(rps[(kind, second)]):.0f}"
         )
+        share = path_cost[kind] / off * 100
+        print(
+            f"  {'':<9} the code usage adds, timed in-process: {path_cost[kind]:.1f} µs "
+            f"({share:.1f}% of the {second} figure)"
+        )
+
+
+def usage_path_cost(iterations: int = 20_000) -> dict[str, float]:
+    """µs the request path spends on usage, timed in this process (steadier than worker
+    CPU on a shared machine): the meter over a whole stream as the fake sends it (one
+    chunk holding every event: the most it ever reads at once) or over a JSON body, and
+    the tally's update."""
+    import timeit
+
+    from gateway.usage.meter import Meter
+    from gateway.usage.recorder import UsageTally
+    from loadtests._fake_parts import message_body, stream_frames
+
+    events = b"".join(
+        stream_frames(msg_id="msg_bench", model="claude-bench", input_tokens=20, events=5)
+    )
+    body = message_body(
+        msg_id="msg_bench", model="claude-bench", input_tokens=20, events=5, body_bytes=0
+    )
+    tally, user = UsageTally(), uuid.uuid4()
+
+    def streamed() -> None:
+        meter = Meter()
+        meter.events(events)
+        tally.relayed(user, meter)
+
+    def unary() -> None:
+        meter = Meter()
+        meter.body(body)
+        tally.relayed(user, meter)
+
+    def best(work: Any) -> float:
+        return min(timeit.repeat(work, number=iterations, repeat=5)) / iterations * 1e6
+
+    return {"streamed": best(streamed), "json": best(unary)}
 
 
 def measure_memory(workers: int, *, quick: bool, transport: str, metrics: bool) -> None:

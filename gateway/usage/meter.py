@@ -15,6 +15,8 @@ import msgspec
 
 _START: Final = b"message_start"
 _DELTA: Final = b"message_delta"
+_BOTH: Final[tuple[bytes, ...]] = (_START, _DELTA)
+_DELTA_ONLY: Final[tuple[bytes, ...]] = (_DELTA,)
 # The largest non-streamed body read for its usage; a bigger one counts as a request only.
 MAX_METERED_BODY: Final = 8 * 1024 * 1024
 
@@ -53,6 +55,7 @@ class Meter:
         "input_tokens",
         "model",
         "output_tokens",
+        "started",
     )
 
     def __init__(self) -> None:
@@ -61,17 +64,26 @@ class Meter:
         self.output_tokens = 0
         self.cache_creation_input_tokens = 0
         self.cache_read_input_tokens = 0
+        self.started = False  # a message_start was read: a stream has one, first
 
     def events(self, data: bytes) -> None:
         """Whole SSE events, as relayed; only ``message_start``/``message_delta`` decoded.
 
-        Two substring searches decide for most chunks (text deltas) that there is nothing
-        to read; an event only mentioning those names in its text is parsed and skipped.
+        A substring search decides for most chunks (text deltas) that there is nothing to
+        read (two until the stream's ``message_start`` was read); an event that only
+        mentions those names in its text is looked into and skipped.
         """
-        if _START in data or _DELTA in data:
-            found = _events(data) if b"\r" in data else _lf_events(data)
-            for kind, payload in found:
-                self._event(kind, payload)
+        if self.started:
+            if _DELTA not in data:
+                return
+            markers = _DELTA_ONLY
+        elif _START in data or _DELTA in data:
+            markers = _BOTH
+        else:
+            return
+        found = _events(data) if b"\r" in data else _lf_events(data, markers)
+        for kind, payload in found:
+            self._event(kind, payload)
 
     def body(self, data: bytes) -> None:
         """A whole non-streamed ``/v1/messages`` JSON body."""
@@ -87,6 +99,7 @@ class Meter:
         try:
             if kind == _START:
                 start = _decode_start(payload)
+                self.started = True
                 self.model = start.message.model
                 usage = start.message.usage
             else:
@@ -108,21 +121,27 @@ class Meter:
             self.cache_read_input_tokens = usage.cache_read_input_tokens
 
 
-def _lf_events(data: bytes) -> list[tuple[bytes, bytes]]:
-    """``_events`` for the usual stream, whose lines all end in LF: each mention of a type
-    of ours is looked into, between the blank lines around it (a few C-level searches,
-    however many other events the chunk holds)."""
+def _lf_events(data: bytes, markers: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """``_events`` for the usual stream, whose lines all end in LF: each mention of one of
+    ``markers`` is looked into, between the blank lines around it (a few C-level
+    searches, however many other events the chunk holds); one message_start at most."""
     found: list[tuple[int, bytes, bytes]] = []
-    for marker in (_START, _DELTA):
+    for marker in markers:
         at = data.find(marker)
         while at >= 0:
             end = data.find(b"\n\n", at)
             if end < 0:
                 break  # not ended by a blank line
             begin = data.rfind(b"\n\n", 0, at) + 2
-            event = _event_of(data[begin if begin > 1 else 0 : end].split(b"\n"))
+            if begin < 2:
+                begin = 0
+            event = _framed_as_anthropic(data, begin, end) or _event_of(
+                data[begin:end].split(b"\n")
+            )
             if event is not None:
                 found.append((begin, *event))
+                if marker is _START:
+                    break
             at = data.find(marker, end)
     if len(found) > 1:
         found.sort()  # in stream order: the latest value wins
@@ -148,6 +167,21 @@ def _events(data: bytes) -> list[tuple[bytes, bytes]]:
         else:
             lines.append(line.rstrip(b"\r\n"))
     return found
+
+
+_FRAMES: Final = (b"event: message_start\ndata: ", b"event: message_delta\ndata: ")
+
+
+def _framed_as_anthropic(data: bytes, begin: int, end: int) -> tuple[bytes, bytes] | None:
+    """The event in ``data[begin:end]`` when it is framed as Anthropic frames it (its type
+    line, then one data line): read without splitting it into lines."""
+    for frame, kind in zip(_FRAMES, _BOTH, strict=True):
+        if data.startswith(frame, begin):
+            start = begin + len(frame)
+            if data.find(b"\n", start, end) < 0:
+                return kind, data[start:end]
+            return None
+    return None
 
 
 def _event_of(lines: list[bytes]) -> tuple[bytes, bytes] | None:

@@ -154,3 +154,23 @@ def test_summaries() -> None:
     assert [r.model for r in summarize(records, "model").rows] == ["", "m1"]
     encoded = msgspec.json.decode(msgspec.json.encode(summarize(records, "model").rows[0]))
     assert "hour" not in encoded and encoded["model"] == "" and encoded["requests"] == 0
+
+
+def test_fields_in_any_order_and_other_fields_beside_them() -> None:
+    meter = Meter()
+    meter.events(
+        b'data: {"type": "message_start", "message": {"model": "m", "usage": '
+        b'{"input_tokens": 3}}}\nevent: message_start\nid: 1\n\n'
+        b'event:message_delta\nretry: 5\ndata: {"usage": {"output_tokens": 4}}\n\n'
+    )
+    assert read(meter) == ("m", 3, 4, 0, 0)
+
+
+def test_only_the_first_message_start_counts() -> None:
+    meter = Meter()
+    for model in (b"first", b"second"):
+        meter.events(
+            b'event: message_start\ndata: {"message": {"model": "' + model + b'", "usage": '
+            b'{"input_tokens": 3}}}\n\n'
+        )
+    assert meter.model == "first"
