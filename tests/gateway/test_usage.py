@@ -398,3 +398,20 @@ def test_tokens_are_exported_to_prometheus_by_user_model_and_kind(
             break
         time.sleep(0.2)
     assert found == expected
+
+
+def test_usage_off_counts_nothing(start_gateway: Callable[..., GatewayProcess]) -> None:
+    gateway = start_gateway(GATEWAY_USAGE_FLUSH_INTERVAL="0")
+    token, _ = gateway.user_with_key("alice")
+    response = httpx.post(
+        f"{gateway.url}/v1/messages",
+        params=KNOWN,
+        json={**MESSAGE, "stream": True},
+        headers={"x-api-key": token},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert "event: message_delta" in response.text  # relayed all the same
+    assert gateway.stop() == 0  # no shutdown flush either
+    out = gateway.cli("usage", "--json").stdout.splitlines()
+    assert json.loads(out[-1])["totals"]["requests"] == 0

@@ -174,3 +174,14 @@ def test_only_the_first_message_start_counts() -> None:
             b'{"input_tokens": 3}}}\n\n'
         )
     assert meter.model == "first"
+
+
+def test_the_flush_interval_setting() -> None:
+    from gateway.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).usage_flush_interval == 2.0
+    assert Settings.from_env({"GATEWAY_USAGE_FLUSH_INTERVAL": "0"}).usage_flush_interval == 0
+    assert Settings.from_env({"GATEWAY_USAGE_FLUSH_INTERVAL": "0.5"}).usage_flush_interval == 0.5
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(SettingsError, match="GATEWAY_USAGE_FLUSH_INTERVAL"):
+            Settings.from_env({"GATEWAY_USAGE_FLUSH_INTERVAL": bad})
