@@ -411,8 +411,8 @@ class Proxy:
                 length = _declared_length(response, method)
                 if length is not None:
                     headers.append((b"content-length", b"%d" % length))
-                if meter is not None:
-                    body = []
+                if meter is not None and _is_json(headers):
+                    body = []  # not an SSE stream whose encoding hides its events
                 outcome = await _relay_raw(response, send, tally, permit, start, length, body)
         except GatewayError as err:
             status, outcome = err.status, err.outcome
@@ -433,9 +433,12 @@ class Proxy:
             permit.release()
             watcher.cancel()
             if usage is not None:
-                if body is not None and meter is not None and outcome == "ok":
-                    _read_body_usage(meter, body, response)
-                usage.relayed(user_id, meter)
+                try:
+                    if body is not None and meter is not None and outcome == "ok":
+                        _read_body_usage(meter, body, response)
+                    usage.relayed(user_id, meter)
+                except Exception:  # accounting must never keep the upstream response open
+                    log.exception("usage of a request could not be counted")
             metrics = self.runtime.metrics
             if metrics is not None:
                 if meter is not None:
@@ -666,6 +669,13 @@ async def _relay_sse(
     if meter is not None and rest:
         meter.events(rest)  # whole events only: a tail without its blank line is not one
     return "ok"
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value[:16].lower() == b"application/json"
+    return False
 
 
 def _read_body_usage(meter: Meter, body: list[bytes], response: httpx.Response | None) -> None:
