@@ -109,8 +109,7 @@ def _label(row: UsageRow, group: str) -> str:
 def _table(report: UsageReport, group: str) -> list[str]:
     header = (group, *_HEADERS)
     cells = [
-        (_label(row, group), *(f"{getattr(row, name):,}" for name in COUNTS))
-        for row in report.rows
+        (_label(row, group), *(f"{getattr(row, name):,}" for name in COUNTS)) for row in report.rows
     ]
     cells.append(("total", *(f"{getattr(report.totals, name):,}" for name in COUNTS)))
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]

@@ -83,6 +83,4 @@ async def test_user_hour_model_is_unique(db: AnyEngine) -> None:
         from storage.errors import translate_errors
 
         with translate_errors():
-            await UsageHourly.insert(
-                UsageHourly(**{c._meta.name: v for c, v in row.items()})
-            ).run()
+            await UsageHourly.insert(UsageHourly(**{c._meta.name: v for c, v in row.items()})).run()
