@@ -22,6 +22,7 @@ from gateway.proxy import Scope as ProxyScope
 from gateway.proxy import Send as ProxySend
 from gateway.resources import WorkerResources
 from gateway.settings import MAX_REQUEST_BODY, Settings
+from gateway.usage.api import UsageController
 from gateway.web import settings_page_router
 from ipc.errors import GatesUnavailable
 from storage.engine import ping
@@ -116,7 +117,7 @@ def create_app(settings: Settings) -> GatewayApp:
             await resources.close()
 
     app = Litestar(
-        route_handlers=[AnthropicKeyController, healthz, settings_page_router()],
+        route_handlers=[AnthropicKeyController, UsageController, healthz, settings_page_router()],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _gateway_error,

@@ -1,4 +1,4 @@
-"""The ``gateway`` command line: serve, migrate, users, tokens, caps, keygen."""
+"""The ``gateway`` command line: serve, migrate, users, tokens, caps, usage, keygen."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from gateway.settings import (
     namespace_prefix,
     redacted_url,
 )
+from gateway.usage.command import usage_command
 from ipc.audit import repairs_made
 from ipc.caps import apply_cap, read_state
 from ipc.errors import CredentialGone, GatesUnavailable, IpcError
@@ -853,6 +854,8 @@ def caps(
             f"(global {repairs['global']}, credential {repairs['credential']})"
         )
 
+
+main.add_command(usage_command)
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Final
 
@@ -40,6 +42,8 @@ from gateway.metrics.tally import RequestTally
 from gateway.paths import upstream_target
 from gateway.sse import event_end, tail
 from gateway.upstream import Upstream
+from gateway.usage.meter import MAX_METERED_BODY, Meter
+from gateway.usage.recorder import UsageTally
 from ipc.caps import CredentialGate
 from ipc.errors import CredentialGone, GatesUnavailable, LedgerFull
 from ipc.gates import Gatekeeper, Permit, Rejected
@@ -63,6 +67,8 @@ CREDENTIAL_CAP_MESSAGE: Final = (
 # An SSE relay holds at most this much of an event while it waits for the event's end;
 # past it the bytes go out as they are (an upstream that never ends an event).
 MAX_HELD_EVENT: Final = 1024 * 1024
+# The one path whose answers report token usage (count_tokens and the rest: requests only).
+METERED_PATH: Final = "/v1/messages"
 
 
 class ClientGone(Exception):
@@ -77,6 +83,7 @@ class ProxyRuntime:
     upstream: Upstream
     queue: Queue | None  # the waiting lines, when GATEWAY_QUEUE_TIMEOUT is set
     metrics: RequestTally | None = None  # None: the launcher's metrics endpoint is off
+    usage: UsageTally | None = None  # None: GATEWAY_USAGE_FLUSH_INTERVAL=0, nothing counted
 
 
 class Proxy:
@@ -158,6 +165,8 @@ class Proxy:
                 log.error("this worker's ledger is full; refusing a request")
                 if self.runtime.metrics is not None:
                     self.runtime.metrics.rejected("worker", str(user_id))
+                if self.runtime.usage is not None:
+                    self.runtime.usage.rejected(credential.user_id)
                 raise Overloaded(
                     GLOBAL_CAP_MESSAGE, headers=self._retry_headers("worker")
                 ) from None
@@ -173,6 +182,8 @@ class Proxy:
                 elif admitted.waited is not None:  # timed out in line, not a full line
                     self.runtime.metrics.waited(waited, timed_out_at=admitted.scope)
             if isinstance(admitted, Rejected):
+                if self.runtime.usage is not None:
+                    self.runtime.usage.rejected(credential.user_id)
                 raise self._overloaded(admitted, user_id=str(user_id), path=path)
             admitted_at = time.perf_counter()
             try:
@@ -212,7 +223,7 @@ class Proxy:
             request=request,
             method=method,
             path=path,
-            user_id=str(user_id),
+            user_id=credential.user_id,
             started=started,
             waited=waited,
             admitted_at=admitted_at,
@@ -339,7 +350,7 @@ class Proxy:
         request: httpx.Request,
         method: str,
         path: str,
-        user_id: str,
+        user_id: uuid.UUID,
         started: float,
         waited: float,
         admitted_at: float,
@@ -363,6 +374,9 @@ class Proxy:
         # Replaced by how the relay ended; stays only if something unforeseen escapes.
         outcome = "internal_error"
         sse = False
+        usage = self.runtime.usage
+        meter: Meter | None = None
+        body: list[bytes] | None = None  # a non-streamed answer kept to read its usage
         headers_at = 0.0
         sent_at = time.perf_counter()
         try:
@@ -389,13 +403,17 @@ class Proxy:
             # client can see that end, so a client that sends its next request the moment
             # this one ends is never refused by its own finished stream.
             sse = _relayed_as_events(headers)
+            if usage is not None and status == 200 and path == METERED_PATH:
+                meter = Meter()
             if sse:
-                outcome = await _relay_sse(response, send, tally, permit, start)
+                outcome = await _relay_sse(response, send, tally, permit, start, meter)
             else:
                 length = _declared_length(response, method)
                 if length is not None:
                     headers.append((b"content-length", b"%d" % length))
-                outcome = await _relay_raw(response, send, tally, permit, start, length)
+                if meter is not None and _is_json(headers):
+                    body = []  # not an SSE stream whose encoding hides its events
+                outcome = await _relay_raw(response, send, tally, permit, start, length, body)
         except GatewayError as err:
             status, outcome = err.status, err.outcome
             permit.release()
@@ -414,8 +432,17 @@ class Proxy:
         finally:
             permit.release()
             watcher.cancel()
+            if usage is not None:
+                try:
+                    if body is not None and meter is not None and outcome == "ok":
+                        _read_body_usage(meter, body, response)
+                    usage.relayed(user_id, meter)
+                except Exception:  # accounting must never keep the upstream response open
+                    log.exception("usage of a request could not be counted")
             metrics = self.runtime.metrics
             if metrics is not None:
+                if meter is not None:
+                    metrics.tokens_used(str(user_id), meter)
                 metrics.relayed(
                     outcome,
                     # No status was sent: the client left first (nginx's 499), or something
@@ -522,10 +549,19 @@ async def _relay_raw(
     permit: Permit,
     start: Message | None,
     length: int | None,
+    kept: list[bytes] | None = None,
 ) -> str:
+    """``kept``: a list the chunks are also appended to (up to ``MAX_METERED_BODY``; past
+    it the list is emptied and left alone), to read the answer's usage after it is sent."""
     try:
         async for chunk in _body(response):
             tally.sent += len(chunk)
+            if kept is not None:
+                if tally.sent <= MAX_METERED_BODY:
+                    kept.append(chunk)
+                else:
+                    kept.clear()
+                    kept = None
             if start is not None:
                 await send(start)
                 start = None
@@ -547,7 +583,12 @@ async def _relay_raw(
 
 
 async def _relay_sse(
-    response: httpx.Response, send: Send, tally: _Tally, permit: Permit, start: Message | None
+    response: httpx.Response,
+    send: Send,
+    tally: _Tally,
+    permit: Permit,
+    start: Message | None,
+    meter: Meter | None = None,
 ) -> str:
     """Relay whole events as they arrive; on an upstream failure end with ``event: error``.
 
@@ -556,11 +597,14 @@ async def _relay_sse(
     a failure can end the stream on an event boundary with a well-formed error event; it
     waits for at most ``MAX_HELD_EVENT`` bytes, past which they go as they are and a later
     failure ends the body short instead (no frame can be well-formed inside an event).
+
+    ``meter`` reads the usage of the whole events just sent, after they are sent.
     """
     held: list[bytes] = []  # the event still arriving, in the chunks it came in
     held_size = 0
     before = b""  # the last bytes seen: a blank line can straddle two chunks
     whole = True  # what went out so far ends on an event boundary
+    sending: bytes | None = None  # events being sent, not yet metered
     try:
         async for chunk in _body(response):
             size = len(chunk)
@@ -591,7 +635,16 @@ async def _relay_sse(
             if start is not None:
                 await send(start)
                 start = None
+            sending = done
             await send({"type": "http.response.body", "body": done, "more_body": True})
+            if meter is not None:
+                meter.events(done)
+            sending = None
+    except asyncio.CancelledError:
+        # The client left while these events were being sent: count what was relayed.
+        if meter is not None and sending is not None:
+            meter.events(sending)
+        raise
     except httpx.HTTPError as exc:
         if start is not None:
             raise _failed_before_body(exc) from exc
@@ -613,7 +666,37 @@ async def _relay_sse(
     if start is not None:
         await send(start)
     await _end(send, permit, rest)
+    if meter is not None and rest:
+        meter.events(rest)  # whole events only: a tail without its blank line is not one
     return "ok"
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value[:16].lower() == b"application/json"
+    return False
+
+
+def _read_body_usage(meter: Meter, body: list[bytes], response: httpx.Response | None) -> None:
+    """The usage of a whole non-streamed answer, read after its last byte went out."""
+    if not body or response is None:
+        return
+    data = body[0] if len(body) == 1 else b"".join(body)
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("gzip", "deflate"):
+        data = _inflate(data, gzip=encoding == "gzip")
+    elif encoding not in ("", "identity"):
+        return  # br, zstd: not read (the request still counts)
+    meter.body(data)
+
+
+def _inflate(data: bytes, *, gzip: bool) -> bytes:
+    inflater = zlib.decompressobj(wbits=31 if gzip else 15)
+    try:
+        return inflater.decompress(data, MAX_METERED_BODY)
+    except zlib.error:
+        return b""
 
 
 def _failure_outcome(exc: httpx.HTTPError) -> str:

@@ -14,6 +14,7 @@ from gateway.metrics.tally import WorkerMetrics
 from gateway.proxy import COORDINATION_MESSAGE, ProxyRuntime
 from gateway.settings import Settings
 from gateway.upstream import Upstream
+from gateway.usage.recorder import UsageRecorder
 from ipc.caps import apply_cap, read_state
 from ipc.errors import CredentialGone, GatesUnavailable
 from ipc.gates import Gatekeeper
@@ -65,6 +66,7 @@ class WorkerResources(ProxyRuntime):
         self.settings = settings
         self.keyring: KeyringSource | None = None
         self.worker_metrics: WorkerMetrics | None = None
+        self.usage_recorder: UsageRecorder | None = None
         self.shared: RedisGatekeeper | None = None  # shared gates (Redis) instead of POSIX
 
     async def open(self) -> None:
@@ -113,9 +115,15 @@ class WorkerResources(ProxyRuntime):
             self.worker_metrics = WorkerMetrics()
             self.metrics = self.worker_metrics.tally
             self.worker_metrics.start()
+        if settings.usage_flush_interval > 0:
+            self.usage_recorder = UsageRecorder(interval=settings.usage_flush_interval)
+            self.usage = self.usage_recorder.tally
+            self.usage_recorder.start()
 
     async def close(self) -> None:
         self._trimmer.cancel()
+        if self.usage_recorder is not None:
+            await self.usage_recorder.stop()  # the database is still open: the last flush
         if self.worker_metrics is not None:
             await self.worker_metrics.stop()
         await self.upstream.aclose()

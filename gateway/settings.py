@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 9464
     # PROMETHEUS_MULTIPROC_DIR: set by the launcher for its workers (None: metrics off).
     metrics_dir: Path | None = None
+    # Seconds between a worker's writes of its usage totals; 0: usage is not counted.
+    usage_flush_interval: float = 2.0
 
     @property
     def master_key_file(self) -> Path:
@@ -208,6 +210,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ),
             metrics_port=metrics_port,
             metrics_dir=Path(metrics_dir) if metrics_dir else None,
+            usage_flush_interval=_float(
+                env.get("GATEWAY_USAGE_FLUSH_INTERVAL"),
+                "GATEWAY_USAGE_FLUSH_INTERVAL",
+                2.0,
+                zero=True,
+            ),
         )
 
 

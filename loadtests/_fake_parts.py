@@ -33,6 +33,9 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     body_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BODY)] = 0
     fail_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     cut_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    input_tokens: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | None = None
+    cache_creation: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    cache_read: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
 
 
 BEHAVIOUR_HELP: Final = {
@@ -52,6 +55,9 @@ BEHAVIOUR_HELP: Final = {
     "body_bytes": "pad a non-streamed message with a padding field to about N bytes",
     "fail_rate": "answer this share (0..1) of requests, at random, with a 500 error",
     "cut_rate": "cut this share (0..1) of answers, at random, as cut_after=2 would",
+    "input_tokens": "the usage's input_tokens (default: the request body's length / 4)",
+    "cache_creation": "the usage's cache_creation_input_tokens",
+    "cache_read": "the usage's cache_read_input_tokens",
 }
 _BEHAVIOUR_FIELDS: Final = frozenset(Behaviour.__struct_fields__)
 
@@ -131,8 +137,32 @@ FRAMES_BEFORE_DELTAS: Final = 3  # message_start, content_block_start, ping
 FRAMES_AFTER_DELTAS: Final = 3  # content_block_stop, message_delta, message_stop
 
 
-def stream_frames(*, msg_id: str, model: str, input_tokens: int, events: int) -> list[bytes]:
-    """The whole event sequence of one streamed message, in order."""
+def usage_of(
+    *, input_tokens: int, output_tokens: int, cache_creation: int = 0, cache_read: int = 0
+) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": cache_creation,
+        "cache_read_input_tokens": cache_read,
+        "output_tokens": output_tokens,
+    }
+
+
+def stream_frames(
+    *,
+    msg_id: str,
+    model: str,
+    input_tokens: int,
+    events: int,
+    cache_creation: int = 0,
+    cache_read: int = 0,
+) -> list[bytes]:
+    """The whole event sequence of one streamed message, in order.
+
+    Usage as Anthropic reports it: ``message_start`` with the input side and one output
+    token, the closing ``message_delta`` cumulative (input side again, output = events).
+    """
+    cache = {"cache_creation": cache_creation, "cache_read": cache_read}
     start: dict[str, object] = {
         "id": msg_id,
         "type": "message",
@@ -141,12 +171,12 @@ def stream_frames(*, msg_id: str, model: str, input_tokens: int, events: int) ->
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        "usage": usage_of(input_tokens=input_tokens, output_tokens=1, **cache),
     }
     end = {
         "type": "message_delta",
         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-        "usage": {"output_tokens": events},
+        "usage": usage_of(input_tokens=input_tokens, output_tokens=events, **cache),
     }
     return [
         sse_frame("message_start", {"type": "message_start", "message": start}),
@@ -160,7 +190,14 @@ def stream_frames(*, msg_id: str, model: str, input_tokens: int, events: int) ->
 
 
 def message_body(
-    *, msg_id: str, model: str, input_tokens: int, events: int, body_bytes: int
+    *,
+    msg_id: str,
+    model: str,
+    input_tokens: int,
+    events: int,
+    body_bytes: int,
+    cache_creation: int = 0,
+    cache_read: int = 0,
 ) -> bytes:
     message: dict[str, object] = {
         "id": msg_id,
@@ -170,7 +207,12 @@ def message_body(
         "content": [{"type": "text", "text": text_of(events)}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": events},
+        "usage": usage_of(
+            input_tokens=input_tokens,
+            output_tokens=events,
+            cache_creation=cache_creation,
+            cache_read=cache_read,
+        ),
     }
     body = msgspec.json.encode(message)
     padding = body_bytes - len(body) - len(b',"padding":""')

@@ -6,6 +6,7 @@
     python -m loadtests.benchmark --only json --transport h1 --transport aiohttp
     python -m loadtests.benchmark --only json --metrics both   # worker CPU, metrics on vs off
     python -m loadtests.benchmark --gates redis   # POSIX and Redis gates side by side
+    python -m loadtests.benchmark --only usage    # worker CPU, usage accounting on vs off
 
 It starts the fake upstream and a real ``gateway serve`` (all cores as workers, caps on:
 a global cap and per-credential caps of 256 over several users), then measures:
@@ -22,6 +23,9 @@ a global cap and per-credential caps of 256 over several users), then measures:
   in worker CPU per request (the issue's budget: at most 5% more);
   with ``--gates redis``, a gateway on Redis gates (``GATEWAY_GATES_URL``, ``--redis-url``)
   beside the POSIX one: requests/s and worker CPU per request;
+- usage: worker CPU per streamed request (and per JSON request) with usage accounting on
+  (the default) and off (``GATEWAY_USAGE_FLUSH_INTERVAL=0``), side by side, in alternating
+  rounds (the medians); the issue's budget: at most 3% more per streamed request;
 - metrics: the request path's cost of recording one request, prometheus_client's
   multiprocess values called directly vs the workers' tallies (``loadtests.metrics_cost``);
 - ttfb: added time to first byte at low load (sequential requests), median and p99; with
@@ -87,6 +91,7 @@ class Gateway:
         transport: str = "h1",
         metrics: bool = True,
         gates_url: str | None = None,
+        usage: bool = True,
     ):
         self.port = _free_port()
         self.metrics = metrics
@@ -103,6 +108,8 @@ class Gateway:
             GATEWAY_METRICS_PORT=str(_free_port()) if metrics else "0",
         )
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if not usage:
+            env["GATEWAY_USAGE_FLUSH_INTERVAL"] = "0"  # the workers count no usage
         if global_cap is not None:
             env["PROXY_MAX_GLOBAL_CONCURRENT"] = str(global_cap)
         self.gates_prefix: str | None = None
@@ -292,9 +299,11 @@ def bench_redis_gates(url: str, iterations: int) -> dict[str, float]:
         _delete_prefix(url, prefix)
 
 
-def wrk_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[str, float]:
+def wrk_json(
+    url: str, token: str, *, concurrency: int, seconds: int, message: bytes = MESSAGE
+) -> dict[str, float]:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    body = MESSAGE.decode().replace('"', '\\"')
+    body = message.decode().replace('"', '\\"')
     script.write_text(
         'wrk.method = "POST"\n'
         f'wrk.body = "{body}"\n'
@@ -330,7 +339,9 @@ def _wrk_latency(out: str, pct: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-async def python_json(url: str, token: str, *, concurrency: int, seconds: int) -> dict[str, float]:
+async def python_json(
+    url: str, token: str, *, concurrency: int, seconds: int, message: bytes = MESSAGE
+) -> dict[str, float]:
     latencies: list[float] = []
     failures = 0
     deadline = time.monotonic() + seconds
@@ -342,7 +353,7 @@ async def python_json(url: str, token: str, *, concurrency: int, seconds: int) -
             nonlocal failures
             while time.monotonic() < deadline:
                 started = time.perf_counter()
-                async with session.post(f"{url}/v1/messages", data=MESSAGE, headers=headers) as r:
+                async with session.post(f"{url}/v1/messages", data=message, headers=headers) as r:
                     await r.read()
                     failures += r.status != 200
                 latencies.append(time.perf_counter() - started)
@@ -548,7 +559,7 @@ def _pct(values: list[float], pct: int) -> float:
 @click.option("--quick", is_flag=True, help="Small levels and short runs (a smoke run).")
 @click.option(
     "--only",
-    type=click.Choice(["gates", "metrics", "json", "ttfb", "sse", "memory"]),
+    type=click.Choice(["gates", "metrics", "json", "usage", "ttfb", "sse", "memory"]),
     multiple=True,
     help="Run only these parts (repeatable).",
 )
@@ -599,7 +610,7 @@ def main(
 ) -> None:
     transports = transports or ("h1",)
     shared_gates_url = redis_url if "redis" in gates else None
-    parts = set(only) or {"gates", "metrics", "json", "ttfb", "sse", "memory"}
+    parts = set(only) or {"gates", "metrics", "json", "usage", "ttfb", "sse", "memory"}
     if quick:
         seconds = min(seconds, 3)
     print(
@@ -628,10 +639,145 @@ def main(
             compare_metrics=metrics_mode == "both",
             shared_gates_url=shared_gates_url,
         )
+    if "usage" in parts:
+        measure_usage(
+            workers=workers,
+            concurrency=concurrency,
+            seconds=seconds,
+            rounds=1 if quick else 3,
+            transport=transports[0],
+            metrics=metrics_mode != "off",
+        )
     if "memory" in parts:
         measure_memory(
             workers, quick=quick, transport=transports[0], metrics=metrics_mode != "off"
         )
+
+
+def measure_usage(
+    *,
+    workers: int,
+    concurrency: int,
+    seconds: int,
+    rounds: int,
+    transport: str,
+    metrics: bool,
+    states: tuple[str, str] = ("on", "off"),
+) -> None:
+    """Worker CPU per request with usage accounting on and off, streamed and JSON.
+
+    Two gateways (caps on, as the capped one) over one fake upstream; rounds alternate
+    on/off so a neighbour's load lands on both, and the medians are printed.
+    """
+    have_wrk = shutil.which("wrk") is not None
+    tool = "wrk" if have_wrk else "python aiohttp client"
+    print(
+        f"\n## usage: worker CPU per request, usage accounting on vs off "
+        f"(GATEWAY_USAGE_FLUSH_INTERVAL=0),\n##   concurrency {concurrency}, {seconds} s each, "
+        f"{rounds} alternating round(s), medians, {tool}; streamed: 5 text deltas"
+    )
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp, FakeUpstream.start() as up:
+        gateways = {
+            state: Gateway(
+                Path(tmp) / state,
+                up.url,
+                workers=workers,
+                global_cap=100_000,
+                transport=transport,
+                metrics=metrics,
+                usage=state.startswith("on"),
+            )
+            for state in states
+        }
+        try:
+            tokens = {state: gateway.user("usage") for state, gateway in gateways.items()}
+            cpu: dict[tuple[str, str], list[float]] = {}
+            rps: dict[tuple[str, str], list[float]] = {}
+            for index in range(rounds):
+                # Each round in the other order: a neighbour's load or a warming cache
+                # must not always favour the same side.
+                order = list(gateways.items())[:: 1 if index % 2 == 0 else -1]
+                for kind, message in (("streamed", STREAM_MESSAGE), ("json", MESSAGE)):
+                    for state, gateway in order:
+                        before = gateway.worker_cpu_seconds()
+                        if have_wrk:
+                            row = wrk_json(
+                                gateway.url, tokens[state], concurrency=concurrency,
+                                seconds=seconds, message=message,
+                            )  # fmt: skip
+                        else:
+                            row = run_client(
+                                python_json(
+                                    gateway.url, tokens[state], concurrency=concurrency,
+                                    seconds=seconds, message=message,
+                                )
+                            )  # fmt: skip
+                        used = gateway.worker_cpu_seconds() - before
+                        cpu.setdefault((kind, state), []).append(
+                            used / max(row["requests"], 1) * 1e6
+                        )
+                        rps.setdefault((kind, state), []).append(row["rps"])
+        finally:
+            for gateway in gateways.values():
+                gateway.stop()
+    path_cost = usage_path_cost()
+    first, second = states
+    print(f"  {'request':<9} {'usage ' + first:>16} {'usage ' + second:>16} {'difference':>11}")
+    for kind in ("streamed", "json"):
+        on = statistics.median(cpu[(kind, first)])
+        off = statistics.median(cpu[(kind, second)])
+        budget = "  (budget: +3%)" if kind == "streamed" else ""
+        print(
+            f"  {kind:<9} {on:13.0f} µs {off:13.0f} µs {(on / off - 1) * 100:+10.1f}%{budget}"
+        )
+        rounds_text = ", ".join(
+            f"{a:.0f}/{b:.0f}" for a, b in zip(cpu[(kind, first)], cpu[(kind, second)], strict=True)
+        )
+        print(
+            f"  {'':<9} each round {first}/{second} µs: {rounds_text}; req/s {first} "
+            f"{statistics.median(rps[(kind, first)]):.0f}, {second} "
+            f"{statistics.median(rps[(kind, second)]):.0f}"
+        )
+        share = path_cost[kind] / off * 100
+        print(
+            f"  {'':<9} the code usage adds, timed in-process: {path_cost[kind]:.1f} µs "
+            f"({share:.1f}% of the {second} figure)"
+        )
+
+
+def usage_path_cost(iterations: int = 20_000) -> dict[str, float]:
+    """µs the request path spends on usage, timed in this process (steadier than worker
+    CPU on a shared machine): the meter over a whole stream as the fake sends it (one
+    chunk holding every event: the most it ever reads at once) or over a JSON body, and
+    the tally's update."""
+    import timeit
+
+    from gateway.usage.meter import Meter
+    from gateway.usage.recorder import UsageTally
+    from loadtests._fake_parts import message_body, stream_frames
+
+    events = b"".join(
+        stream_frames(msg_id="msg_bench", model="claude-bench", input_tokens=20, events=5)
+    )
+    body = message_body(
+        msg_id="msg_bench", model="claude-bench", input_tokens=20, events=5, body_bytes=0
+    )
+    tally, user = UsageTally(), uuid.uuid4()
+
+    def streamed() -> None:
+        meter = Meter()
+        meter.events(events)
+        tally.relayed(user, meter)
+
+    def unary() -> None:
+        meter = Meter()
+        meter.body(body)
+        tally.relayed(user, meter)
+
+    def best(work: Any) -> float:
+        return min(timeit.repeat(work, number=iterations, repeat=5)) / iterations * 1e6
+
+    return {"streamed": best(streamed), "json": best(unary)}
 
 
 def measure_memory(workers: int, *, quick: bool, transport: str, metrics: bool) -> None:

@@ -215,10 +215,15 @@ async def messages(
     except msgspec.DecodeError as exc:
         return error_response(400, f"request body: {exc}", headers)
     msg_id = new_id("msg")
-    input_tokens = max(1, len(body) // 4)
+    input_tokens = max(1, len(body) // 4) if how.input_tokens is None else how.input_tokens
+    cache = {"cache_creation": how.cache_creation, "cache_read": how.cache_read}
     if asked.stream:
         frames = stream_frames(
-            msg_id=msg_id, model=asked.model, input_tokens=input_tokens, events=how.events
+            msg_id=msg_id,
+            model=asked.model,
+            input_tokens=input_tokens,
+            events=how.events,
+            **cache,
         )
         return await _stream(request, how, headers, frames)
     answer = message_body(
@@ -227,6 +232,7 @@ async def messages(
         input_tokens=input_tokens,
         events=how.events,
         body_bytes=how.body_bytes,
+        **cache,
     )
     if how.stall <= 0 and how.cut_after is None:
         return web.Response(body=answer, headers=headers, content_type="application/json")

@@ -1,10 +1,11 @@
-"""Piccolo tables: users, their gateway tokens, and their encrypted Anthropic keys."""
+"""Piccolo tables: users, their gateway tokens, their encrypted Anthropic keys, their usage."""
 
 from __future__ import annotations
 
 from piccolo.columns import (
     UUID,
     BigInt,
+    BigSerial,
     Bytea,
     ForeignKey,
     Integer,
@@ -82,4 +83,30 @@ class UserAnthropicKey(Table, tablename="user_anthropic_keys"):
     updated_at = Timestamptz(help_text="When the key or its cap last changed (UTC).")
 
 
-TABLES: tuple[type[Table], ...] = (User, GatewayToken, UserAnthropicKey)
+class UsageHourly(Table, tablename="usage_hourly"):
+    # Unique on (user, hour, model): a unique index of its own migration, since Piccolo
+    # has no composite unique column option. Workers add to a row, never overwrite it.
+    id = BigSerial(primary_key=True)
+    user = ForeignKey(
+        references=User,
+        on_delete=OnDelete.cascade,
+        null=False,
+        index=False,  # the unique index on (user, hour, model) leads with it
+        help_text="Whose requests; their usage goes with them.",
+    )
+    hour = Timestamptz(help_text="The UTC hour the requests ended in (minutes and seconds 0).")
+    model = Varchar(
+        length=200,
+        null=False,
+        default="",
+        help_text="The model the upstream named in its answer; '' when none was read.",
+    )
+    requests = BigInt(null=False, default=0, help_text="Requests forwarded upstream.")
+    rejected = BigInt(null=False, default=0, help_text="Requests refused with a 429 over a cap.")
+    input_tokens = BigInt(null=False, default=0)
+    output_tokens = BigInt(null=False, default=0)
+    cache_creation_input_tokens = BigInt(null=False, default=0)
+    cache_read_input_tokens = BigInt(null=False, default=0)
+
+
+TABLES: tuple[type[Table], ...] = (User, GatewayToken, UserAnthropicKey, UsageHourly)

@@ -27,6 +27,7 @@ REQUEST_DURATION: Final = "gateway_request_duration_seconds"
 UPSTREAM_HEADERS: Final = "gateway_upstream_headers_seconds"
 QUEUE_WAIT: Final = "gateway_queue_wait_seconds"
 QUEUE_TIMEOUTS: Final = "gateway_queue_timeouts"
+TOKENS: Final = "gateway_tokens"  # a counter: exported with ``_total``
 
 HELP: Final = {
     IN_FLIGHT: "Permits held now: on the global gate, or (no global cap) in every worker's ledger.",
@@ -43,9 +44,12 @@ HELP: Final = {
     QUEUE_WAITING: "Requests waiting in line for a slot now (GATEWAY_QUEUE_TIMEOUT), by gate.",
     QUEUE_WAIT: "Time requests spent in line for a slot, served or refused.",
     QUEUE_TIMEOUTS: "Requests refused after waiting their whole GATEWAY_QUEUE_TIMEOUT in line.",
+    TOKENS: "Tokens the upstream reported in /v1/messages answers, by user, model and kind.",
 }
 
 REJECTION_SCOPES: Final = ("global", "credential", "worker")
+# The ``kind`` label of gateway_tokens_total, in the order of ``RequestTally.tokens``' lists.
+TOKEN_KINDS: Final = ("input", "output", "cache_creation_input", "cache_read_input")
 OUTCOMES: Final = (
     "ok",
     "client_disconnected",
@@ -71,7 +75,7 @@ def exported_names() -> frozenset[str]:
     """Every sample name a scrape can show (a histogram's ``_bucket``, ``_sum``, ``_count``)."""
     names = {IN_FLIGHT, GLOBAL_CAP, CREDENTIAL_IN_FLIGHT, CREDENTIAL_CAP, WORKERS, QUEUE_WAITING}
     names |= {f"{REAPED_PERMITS}_total", f"{REJECTIONS}_total", f"{REQUESTS}_total"}
-    names |= {f"{CAP_REPAIRS}_total", f"{QUEUE_TIMEOUTS}_total"}
+    names |= {f"{CAP_REPAIRS}_total", f"{QUEUE_TIMEOUTS}_total", f"{TOKENS}_total"}
     for histogram in (REQUEST_DURATION, UPSTREAM_HEADERS, QUEUE_WAIT):
         names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
     return frozenset(names)

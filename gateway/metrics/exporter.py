@@ -36,6 +36,7 @@ from gateway.metrics.catalog import (
     REAPED_PERMITS,
     REJECTION_SCOPES,
     REJECTIONS,
+    TOKENS,
     WORKERS,
 )
 from gateway.metrics.folder import MetricsFolder
@@ -155,6 +156,8 @@ class GatewayCollector(Collector):
         for metric in counted:
             if metric.name == REJECTIONS:
                 rejections = metric
+            elif metric.name == TOKENS:
+                yield _named_tokens(metric, names)
             else:
                 yield metric
         yield _named_rejections(rejections, names, [key.user_name for key in directory.keys])
@@ -251,6 +254,23 @@ def _named_rejections(
     family = CounterMetricFamily(REJECTIONS, HELP[REJECTIONS], labels=["scope", "user"])
     for (scope, user), value in sorted(totals.items()):
         family.add_metric([scope, user], value)
+    return family
+
+
+def _named_tokens(counted: Metric, names: dict[str, str]) -> Metric:
+    """The workers count tokens by user id; the scrape shows names (a deleted user's
+    series keep the id)."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for sample in counted.samples:
+        if not sample.name.endswith("_total"):
+            continue
+        labels = sample.labels
+        user_id = labels.get("user", "")
+        key = (names.get(user_id, user_id), labels.get("model", ""), labels.get("kind", ""))
+        totals[key] = totals.get(key, 0.0) + sample.value
+    family = CounterMetricFamily(TOKENS, HELP[TOKENS], labels=["user", "model", "kind"])
+    for (user, model, kind), value in sorted(totals.items()):
+        family.add_metric([user, model, kind], value)
     return family
 
 

@@ -26,8 +26,11 @@ from gateway.metrics.catalog import (
     REJECTIONS,
     REQUEST_DURATION,
     REQUESTS,
+    TOKEN_KINDS,
+    TOKENS,
     UPSTREAM_HEADERS,
 )
+from gateway.usage.meter import Meter
 
 log = logging.getLogger("gateway.metrics")
 
@@ -63,6 +66,7 @@ class RequestTally:
         "rejections",
         "requests",
         "streamed",
+        "tokens",
         "unary",
         "upstream_headers",
     )
@@ -71,6 +75,8 @@ class RequestTally:
         self.requests: dict[tuple[str, int], int] = {}
         self.rejections: dict[tuple[str, str], int] = {}
         self.queue_timeouts: dict[str, int] = {}
+        # (user id, model) -> tokens by TOKEN_KINDS
+        self.tokens: dict[tuple[str, str], list[int]] = {}
         self.streamed = _Buckets()
         self.unary = _Buckets()
         self.upstream_headers = _Buckets()
@@ -93,6 +99,17 @@ class RequestTally:
         key = (scope, user_id)
         rejections = self.rejections
         rejections[key] = rejections.get(key, 0) + 1
+
+    def tokens_used(self, user_id: str, meter: Meter) -> None:
+        """What one ``/v1/messages`` answer reported."""
+        key = (user_id, meter.model)
+        row = self.tokens.get(key)
+        if row is None:
+            row = self.tokens[key] = [0, 0, 0, 0]
+        row[0] += meter.input_tokens
+        row[1] += meter.output_tokens
+        row[2] += meter.cache_creation_input_tokens
+        row[3] += meter.cache_read_input_tokens
 
     def relayed(
         self,
@@ -152,6 +169,8 @@ class WorkerMetrics:
         )
         for scope in ("global", "credential"):  # both series from the start, at 0
             self._queue_timeouts.labels(scope)
+        # Labelled by user id here; the launcher's collector shows names.
+        self._tokens = Counter(TOKENS, HELP[TOKENS], ["user", "model", "kind"], registry=None)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -183,6 +202,10 @@ class WorkerMetrics:
             self._requests.labels(outcome, str(status)).inc(count)
         for (scope, user_id), count in rejections.items():
             self._rejections.labels(scope, user_id).inc(count)
+        tokens, tally.tokens = tally.tokens, {}
+        for (user_id, model), counts in tokens.items():
+            for kind, count in zip(TOKEN_KINDS, counts, strict=True):
+                self._tokens.labels(user_id, model, kind).inc(count)
         timeouts, tally.queue_timeouts = tally.queue_timeouts, {}
         for scope, count in timeouts.items():
             self._queue_timeouts.labels(scope).inc(count)

@@ -14,6 +14,9 @@
  */
 
 const KEY_API = "/api/v1/me/anthropic-key";
+const USAGE_API = "/api/v1/me/usage";
+const USAGE_DAYS = 7;
+const SVG_NS = "http://www.w3.org/2000/svg";
 const TOKEN_STORAGE = "gateway-token";
 const REFRESH_MS = 10_000;
 
@@ -435,9 +438,174 @@ async function copyText(text) {
   return copied;
 }
 
+/* ------------------------------------------------------------ the usage panel */
+
+const numbers = new Intl.NumberFormat();
+const dayNames = new Intl.DateTimeFormat(undefined, {
+  weekday: "short",
+  day: "numeric",
+  timeZone: "UTC",
+});
+const longDays = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeZone: "UTC" });
+
+/** The last USAGE_DAYS UTC days, oldest first, as "YYYY-MM-DD" (the API's day keys). */
+function lastDays(now) {
+  const today = Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate());
+  const days = [];
+  for (let back = USAGE_DAYS - 1; back >= 0; back -= 1) {
+    days.push(new Date(today - back * 86_400_000).toISOString().slice(0, 10));
+  }
+  return days;
+}
+
+function svgElement(name, attributes) {
+  const element = document.createElementNS(SVG_NS, name);
+  for (const [attribute, value] of Object.entries(attributes)) {
+    element.setAttribute(attribute, String(value));
+  }
+  return element;
+}
+
+const usagePanel = {
+  init() {
+    this.summary = byId("usage-summary");
+    this.figure = byId("usage-figure"); // the chart and its legend
+    this.chart = byId("usage-chart");
+    this.table = byId("usage-table");
+    this.rows = byId("usage-rows");
+  },
+
+  async refresh(ctx) {
+    const report = await ctx.api("GET", `${USAGE_API}?group_by=day`);
+    if (report) this.render(report);
+  },
+
+  reset() {
+    this.summary.textContent = "Loading…";
+    this.clearChart();
+    this.rows.replaceChildren();
+    this.figure.hidden = true;
+    this.table.hidden = true;
+  },
+
+  clearChart() {
+    for (const child of [...this.chart.children]) {
+      if (child.tagName !== "title") child.remove();
+    }
+  },
+
+  render(report) {
+    const byDay = new Map(report.rows.map((row) => [row.day, row]));
+    const days = lastDays(new Date()).map((day) => {
+      const row = byDay.get(day) ?? {};
+      const counts = {
+        requests: row.requests ?? 0,
+        rejected: row.rejected ?? 0,
+        input: row.input_tokens ?? 0,
+        cacheWrite: row.cache_creation_input_tokens ?? 0,
+        cacheRead: row.cache_read_input_tokens ?? 0,
+        output: row.output_tokens ?? 0,
+      };
+      counts.inputSide = counts.input + counts.cacheWrite + counts.cacheRead;
+      return { day, ...counts };
+    });
+    const total = report.totals;
+    const tokens =
+      total.input_tokens +
+      total.cache_creation_input_tokens +
+      total.cache_read_input_tokens +
+      total.output_tokens;
+    const used = total.requests > 0 || total.rejected > 0;
+    this.summary.textContent = used
+      ? `${numbers.format(total.requests)} request${total.requests === 1 ? "" : "s"}, ` +
+        `${numbers.format(total.rejected)} ` +
+        `refused (429), ${numbers.format(tokens)} tokens ` +
+        `(${numbers.format(total.output_tokens)} output).`
+      : "No requests in the last 7 days.";
+    this.figure.hidden = !used;
+    this.table.hidden = !used;
+    this.drawChart(days);
+    this.fillTable(days);
+  },
+
+  drawChart(days) {
+    this.clearChart();
+    const top = 10;
+    const height = 130;
+    const slot = 700 / days.length;
+    const most = Math.max(1, ...days.map((d) => d.inputSide + d.output));
+    days.forEach((d, index) => {
+      const x = index * slot + slot * 0.2;
+      const width = slot * 0.6;
+      const inHeight = (d.inputSide / most) * height;
+      const outHeight = (d.output / most) * height;
+      const group = svgElement("g", { class: "usage-day", "data-day": d.day });
+      const tip = svgElement("title", {});
+      tip.textContent =
+        `${longDays.format(new Date(`${d.day}T00:00:00Z`))}: ` +
+        `${numbers.format(d.inputSide)} input, ${numbers.format(d.output)} output tokens, ` +
+        `${numbers.format(d.requests)} requests, ${numbers.format(d.rejected)} refused`;
+      group.append(
+        tip,
+        svgElement("rect", {
+          class: "bar bar-in",
+          x,
+          y: top + height - inHeight,
+          width,
+          height: inHeight,
+        }),
+        svgElement("rect", {
+          class: "bar bar-out",
+          x,
+          y: top + height - inHeight - outHeight,
+          width,
+          height: outHeight,
+        }),
+      );
+      const label = svgElement("text", {
+        class: "usage-label",
+        x: index * slot + slot / 2,
+        y: top + height + 22,
+        "text-anchor": "middle",
+      });
+      label.textContent = dayNames.format(new Date(`${d.day}T00:00:00Z`));
+      group.append(label);
+      this.chart.append(group);
+    });
+    this.chart.append(
+      svgElement("line", { class: "axis", x1: 0, x2: 700, y1: top + height, y2: top + height }),
+    );
+  },
+
+  fillTable(days) {
+    this.rows.replaceChildren(
+      ...[...days].reverse().map((d) => {
+        const row = document.createElement("tr");
+        const head = document.createElement("th");
+        head.scope = "row";
+        head.textContent = longDays.format(new Date(`${d.day}T00:00:00Z`));
+        row.append(head);
+        for (const value of [
+          d.requests,
+          d.rejected,
+          d.input,
+          d.cacheWrite,
+          d.cacheRead,
+          d.output,
+        ]) {
+          const cell = document.createElement("td");
+          cell.textContent = numbers.format(value);
+          row.append(cell);
+        }
+        return row;
+      }),
+    );
+  },
+};
+
 /* ---------------------------------------------------------------------- the shell */
 
-const PANELS = [keyPanel, usePanel];
+const PANELS = [keyPanel, usagePanel, usePanel];
 
 const shell = {
   token: null,

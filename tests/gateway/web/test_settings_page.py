@@ -613,9 +613,16 @@ def test_what_the_api_returns_is_shown_as_text(
             error = {"type": "error", "error": {"type": "x", "message": f"key: {hostile}"}}
             route.fulfill(status=400, content_type="application/json", body=json.dumps(error))
 
+    def no_usage(route: Route) -> None:  # the usage panel's call, for the same made-up token
+        totals = dict.fromkeys(("requests", "rejected", "input_tokens", "output_tokens"), 0)
+        totals |= {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        body = {"rows": [{"day": hostile, **totals}], "totals": totals}
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
     page = settings_page()
     page.log.allow_status(400)
     page.page.route(f"**{KEY_API}", answer)
+    page.page.route("**/api/v1/me/usage?*", no_usage)
     page.open()
     page.sign_in("gwt_anything")
     expect(page.status).to_have_text(f"Configured · last set {hostile} · cap 3 · 1 in use now")
