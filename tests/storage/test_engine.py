@@ -29,7 +29,8 @@ async def test_ping_succeeds_on_a_migrated_database(db: AnyEngine) -> None:
 
 async def test_migrate_twice_is_a_no_op(db: AnyEngine) -> None:
     before = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
-    assert len(before) == 2  # the tables, then the max_concurrent bound
+    # the tables, the max_concurrent bound, token expiry and use, the name and label rule
+    assert len(before) == 4
     await migrate(db)
     after = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
     assert after == before
