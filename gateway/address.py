@@ -101,8 +101,7 @@ def probe_bind(host: str, port: int) -> None:
                 ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise AddressTaken(
-                    f"GATEWAY_HOST: must be an address of this host, got {host!r} "
-                    f"({exc.strerror})"
+                    f"GATEWAY_HOST: must be an address of this host, got {host!r} ({exc.strerror})"
                 ) from None
             raise AddressTaken(f"GATEWAY_PORT: cannot bind {host}:{port}: {exc}") from None
 

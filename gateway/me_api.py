@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
-from litestar.status_codes import HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
+from gateway.audit import audit
 from gateway.errors import (
     AuthenticationFailed,
     InvalidRequest,
+    PayloadTooLarge,
     ServerFault,
     StorageUnavailableError,
     UnsupportedMediaType,
@@ -33,11 +38,41 @@ MAX_CAP: Final = 256
 MAX_KEY_LENGTH: Final = 256
 KEY_PREFIX: Final = "sk-ant-"
 MAX_SETTINGS_BODY: Final = 64 * 1024
+TOO_LARGE_MESSAGE: Final = f"body: must be at most 64 KiB ({MAX_SETTINGS_BODY} bytes)"
+
+
+class ErrorDetail(msgspec.Struct):
+    type: str
+    message: Annotated[str, msgspec.Meta(description="Names the field and the rule broken")]
+
+
+class ErrorResponse(msgspec.Struct):
+    """Anthropic's error envelope, as every error of the gateway is shaped."""
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+def error_response(description: str) -> ResponseSpec:
+    return ResponseSpec(
+        data_container=ErrorResponse, description=description, generate_examples=False
+    )
+
+
+UNAUTHORIZED = error_response("Missing, unknown, expired or revoked gateway token")
+UNAVAILABLE = error_response("The database (or, with Redis gates, Redis) is unavailable; retry")
 
 
 class KeyStatusBody(msgspec.Struct):
     configured: bool
-    configured_at: datetime | None
+    configured_at: Annotated[
+        datetime | None,
+        msgspec.Meta(description="When the key itself was last stored or rotated (UTC)"),
+    ]
+    updated_at: Annotated[
+        datetime | None,
+        msgspec.Meta(description="When the key or its cap last changed (UTC)"),
+    ]
     max_concurrent: int | None
     in_use: Annotated[
         int | None,
@@ -93,7 +128,31 @@ def parse_key_update(raw: bytes) -> KeyUpdate:
                 "key: must hold only visible ASCII characters (no spaces, control "
                 "characters or non-ASCII letters)"
             )
+    # Last: by now every value is flat, so the second parse is cheap and cannot recurse.
+    duplicate = _duplicate_key(raw)
+    if duplicate is not None:
+        raise InvalidRequest(f"{duplicate}: must appear once, got a duplicate key")
     return KeyUpdate(key=key, max_concurrent=cap)
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first key that appears twice in one object of the body (msgspec, like most
+    parsers, keeps the last silently: which one a client meant is a guess)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _value in items:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("body: malformed JSON") from None
+    return found[0] if found else None
 
 
 async def authenticated_user(request: Request[Any, Any, State]) -> Any:
@@ -107,7 +166,7 @@ async def authenticated_user(request: Request[Any, Any, State]) -> Any:
     except StorageError as exc:
         raise _storage_down(exc) from exc
     if found is None:
-        raise AuthenticationFailed("Invalid, unknown or revoked gateway token.")
+        raise AuthenticationFailed("Invalid, unknown, expired or revoked gateway token.")
     return found.user_id
 
 
@@ -148,6 +207,7 @@ class _KeyUpdateOperation(Operation):
                             ),
                         },
                         additional_properties=False,
+                        min_properties=1,
                     ),
                     example={"key": "sk-ant-api03-...", "max_concurrent": 8},
                 )
@@ -158,9 +218,13 @@ class _KeyUpdateOperation(Operation):
 class AnthropicKeyController(Controller):
     path = "/api/v1/me/anthropic-key"
     tags = ["settings"]
-    security = [{"gatewayToken": []}]
+    # Either header carries the gateway token, as on the proxy.
+    security = [{"gatewayToken": []}, {"apiKey": []}]
 
-    @get(summary="Whether an Anthropic key is stored, its concurrency cap and the cap in use now")
+    @get(
+        summary="Whether an Anthropic key is stored, its concurrency cap and the cap in use now",
+        responses={401: UNAUTHORIZED, 503: UNAVAILABLE},
+    )
     async def status(self, request: Request[Any, Any, State]) -> KeyStatusBody:
         user_id = await authenticated_user(request)
         resources: WorkerResources = request.app.state.resources
@@ -172,6 +236,7 @@ class AnthropicKeyController(Controller):
         return KeyStatusBody(
             configured=stored.configured,
             configured_at=stored.configured_at,
+            updated_at=stored.updated_at,
             max_concurrent=stored.max_concurrent,
             in_use=in_use,
         )
@@ -188,13 +253,28 @@ class AnthropicKeyController(Controller):
         ),
         request_max_body_size=MAX_SETTINGS_BODY,
         operation_class=_KeyUpdateOperation,
+        responses={
+            400: error_response(
+                "Malformed JSON, or a field breaking its rule (the message names both)"
+            ),
+            401: UNAUTHORIZED,
+            413: error_response("The body is larger than 64 KiB"),
+            415: error_response("The content-type is not application/json"),
+            503: UNAVAILABLE,
+        },
     )
     async def update(self, request: Request[Any, Any, State]) -> None:
         user_id = await authenticated_user(request)
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             raise UnsupportedMediaType("content-type: must be application/json")
-        update = parse_key_update(await request.body())
+        try:
+            raw = await request.body()
+        except HTTPException as exc:
+            if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+                raise PayloadTooLarge(TOO_LARGE_MESSAGE) from None
+            raise
+        update = parse_key_update(raw)
         resources: WorkerResources = request.app.state.resources
         await resources.before_change()
         try:
@@ -218,8 +298,12 @@ class AnthropicKeyController(Controller):
         except StorageError as exc:
             raise _storage_down(exc) from exc
         await resources.key_changed(change)
+        await _audit_change(change, key_sent=update.key is not None)
 
-    @delete(summary="Remove the stored Anthropic key (idempotent)")
+    @delete(
+        summary="Remove the stored Anthropic key (idempotent)",
+        responses={401: UNAUTHORIZED, 503: UNAVAILABLE},
+    )
     async def remove(self, request: Request[Any, Any, State]) -> None:
         user_id = await authenticated_user(request)
         resources: WorkerResources = request.app.state.resources
@@ -229,3 +313,22 @@ class AnthropicKeyController(Controller):
         except StorageError as exc:
             raise _storage_down(exc) from exc
         await resources.key_changed(change)
+        if change.previous is not None:
+            await _audit_change(change, key_sent=False)
+
+
+async def _audit_change(change: repository.KeyChange, *, key_sent: bool) -> None:
+    """One audit line per committed change (never the key)."""
+    try:
+        name = await repository.user_name(change.user_id)
+    except StorageError:
+        name = None  # the change stands; the line still carries the user id
+    old = None if change.previous is None else change.previous.max_concurrent
+    new = None if change.current is None else change.current.max_concurrent
+    if change.current is None:
+        event = "key_removed"
+    elif key_sent:
+        event = "key_stored" if change.previous is None else "key_rotated"
+    else:
+        event = "cap_changed"
+    audit(event, source="api", user=name, user_id=str(change.user_id), old_cap=old, new_cap=new)

@@ -18,6 +18,7 @@ log = logging.getLogger("gateway.settings")
 
 DEFAULT_UPSTREAM_URL: Final = "https://api.anthropic.com"
 MAX_REQUEST_BODY: Final = 32 * 1024 * 1024
+LOG_LEVELS: Final = ("INFO", "DEBUG", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(Exception):
@@ -66,6 +67,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 9464
     # PROMETHEUS_MULTIPROC_DIR: set by the launcher for its workers (None: metrics off).
     metrics_dir: Path | None = None
+    # How often each worker writes its tokens' last-used times (and the least time
+    # between two writes of one token's).
+    token_use_interval: float = 60.0
 
     @property
     def master_key_file(self) -> Path:
@@ -98,20 +102,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
         if not database_url.startswith(("sqlite:///", "postgres://", "postgresql://")):
             raise SettingsError(
-                "GATEWAY_DATABASE_URL must start with sqlite:/// or postgresql://, "
+                "GATEWAY_DATABASE_URL: must start with sqlite:/// or postgresql://, "
                 f"got {database_url.split(':', 1)[0]!r}"
             )
-        port = _int(overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0)
-        metrics_port = _int(
+        port = parse_int(
+            overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0, hi=65535
+        )
+        metrics_port = parse_int(
             overrides["metrics_port"]
             if overrides.get("metrics_port") is not None
             else env.get("GATEWAY_METRICS_PORT"),
             "GATEWAY_METRICS_PORT",
             9464,
             lo=0,
+            hi=65535,
         )
-        if metrics_port > 65535:
-            raise SettingsError(f"GATEWAY_METRICS_PORT must be at most 65535, got {metrics_port}")
         metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
         raw_key = env.get("GATEWAY_MASTER_KEY")
         namespace = str(
@@ -123,11 +128,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             data_dir=data_dir,
             database_url=database_url,
             master_key=Secret(raw_key) if raw_key else None,
-            upstream_url=str(
-                overrides.get("upstream_url")
-                or env.get("GATEWAY_UPSTREAM_URL")
-                or DEFAULT_UPSTREAM_URL
-            ).rstrip("/"),
+            upstream_url=_upstream_url(
+                str(
+                    overrides.get("upstream_url")
+                    or env.get("GATEWAY_UPSTREAM_URL")
+                    or DEFAULT_UPSTREAM_URL
+                )
+            ),
             upstream_read_timeout=_float(
                 env.get("GATEWAY_UPSTREAM_READ_TIMEOUT"), "GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0
             ),
@@ -141,14 +148,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "GATEWAY_UPSTREAM_TRANSPORT",
                 ("h1", "aiohttp", "httpx"),
             ),
-            max_global_concurrent=parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT")),
+            max_global_concurrent=(
+                parse_int(overrides["global_cap"], "--global-cap", 1, lo=1)
+                if overrides.get("global_cap") is not None
+                else parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT"))
+            ),
             ipc_namespace=namespace,
-            host=str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1"),
+            host=_host(str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1")),
             port=port,
-            retry_after_seconds=_int(
+            retry_after_seconds=parse_int(
                 env.get("GATEWAY_RETRY_AFTER"), "GATEWAY_RETRY_AFTER", 1, lo=0
             ),
-            log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+            log_level=_log_level(env.get("GATEWAY_LOG_LEVEL")),
             heap_trim_interval=_float(
                 env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
             ),
@@ -169,7 +180,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 0.0,
                 zero=True,
             ),
-            queue_max_waiters=_int(
+            queue_max_waiters=parse_int(
                 env.get("GATEWAY_QUEUE_MAX_WAITERS"), "GATEWAY_QUEUE_MAX_WAITERS", 64, lo=1
             ),
             metrics_host=str(
@@ -177,7 +188,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ),
             metrics_port=metrics_port,
             metrics_dir=Path(metrics_dir) if metrics_dir else None,
+            token_use_interval=_float(
+                env.get("GATEWAY_TOKEN_USE_INTERVAL"), "GATEWAY_TOKEN_USE_INTERVAL", 60.0
+            ),
         )
+
+
+def database_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names the data folder or the database (else the default,
+    ./gateway-data, applies: the command line then looks for a running gateway's)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("GATEWAY_DATA_DIR") or env.get("GATEWAY_DATABASE_URL"))
+
+
+def namespace_configured(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get("GATEWAY_IPC_NAMESPACE") or None
 
 
 def parse_global_cap(raw: str | None) -> int | None:
@@ -207,16 +233,18 @@ def parse_gates_url(raw: str | None) -> Secret | None:
     scheme = raw.split(":", 1)[0].lower()
     if scheme not in ("redis", "rediss"):
         raise SettingsError(
-            f"GATEWAY_GATES_URL must be posix: or a redis:// or rediss:// URL, got {scheme!r}"
+            f"GATEWAY_GATES_URL: must be posix: or a redis:// or rediss:// URL, got {scheme!r}"
         )
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing the port is the check
         database = parts.path.strip("/")
     except ValueError as exc:
-        raise SettingsError(f"GATEWAY_GATES_URL is not a valid URL: {exc}") from None
+        raise SettingsError(f"GATEWAY_GATES_URL: must be a valid URL ({exc})") from None
     if not parts.hostname:
-        raise SettingsError("GATEWAY_GATES_URL must name a host: redis://HOST:PORT/DB")
+        raise SettingsError(
+            "GATEWAY_GATES_URL: must name a host (redis://HOST:PORT/DB), got no host"
+        )
     if database and not database.isdigit():
         raise SettingsError(
             f"GATEWAY_GATES_URL: the database must be a number (redis://host:port/0), "
@@ -238,7 +266,7 @@ def _gates_prefix(raw: str | None) -> str:
         return "gateway:"
     if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,64}", raw):
         raise SettingsError(
-            "GATEWAY_GATES_PREFIX must be 1..64 characters of letters, digits and "
+            "GATEWAY_GATES_PREFIX: must be 1..64 characters of letters, digits and "
             f"_ . : - {{ }}, got {raw!r}"
         )
     return raw
@@ -247,7 +275,7 @@ def _gates_prefix(raw: str | None) -> str:
 def _lease_seconds(raw: str | None) -> float:
     value = _float(raw, "GATEWAY_LEASE_SECONDS", 15.0)
     if value < 0.5:
-        raise SettingsError(f"GATEWAY_LEASE_SECONDS must be at least 0.5, got {raw!r}")
+        raise SettingsError(f"GATEWAY_LEASE_SECONDS: must be at least 0.5, got {raw!r}")
     return value
 
 
@@ -270,15 +298,17 @@ def default_namespace(database_url: str, port: int) -> str:
     return f"{namespace_prefix(database_url)}p{port}"
 
 
-def _int(raw: object, name: str, default: int, *, lo: int) -> int:
+def parse_int(raw: object, name: str, default: int, *, lo: int, hi: int | None = None) -> int:
     if raw is None or raw == "":
         return default
     try:
         value = int(str(raw).strip())
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name}: must be an integer, got {raw!r}") from None
     if value < lo:
-        raise SettingsError(f"{name} must be at least {lo}, got {value}")
+        raise SettingsError(f"{name}: must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise SettingsError(f"{name}: must be at most {hi}, got {value}")
     return value
 
 
@@ -288,10 +318,10 @@ def _float(raw: str | None, name: str, default: float, *, zero: bool = False) ->
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise SettingsError(f"{name}: must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         allowed = "zero or positive" if zero else "positive"
-        raise SettingsError(f"{name} must be {allowed}, got {raw!r}")
+        raise SettingsError(f"{name}: must be {allowed}, got {raw!r}")
     return value
 
 
@@ -299,8 +329,45 @@ def _choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str:
     if not raw:
         return choices[0]
     if raw not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        raise SettingsError(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
+def _log_level(raw: str | None) -> str:
+    level = (raw or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(
+            f"GATEWAY_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {raw!r}"
+        )
+    return level
+
+
+def _upstream_url(raw: str) -> str:
+    """An http(s) URL with a host and nothing after the path: requests are appended to it."""
+    url = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+    ):
+        raise SettingsError(
+            f"GATEWAY_UPSTREAM_URL: must be an http:// or https:// URL with a host, got {raw!r}"
+        )
+    return url
+
+
+def _host(raw: str) -> str:
+    host = raw.strip()
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise SettingsError(f"GATEWAY_HOST: must be an IP address or host name, got {raw!r}")
+    return host
 
 
 class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):

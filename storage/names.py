@@ -9,7 +9,7 @@ from typing import Final
 NAME_MAX: Final = 64
 NAME_RULE: Final = f"must be 1..{NAME_MAX} characters of letters, digits and . _ - @"
 # ASCII only: \w would admit any Unicode letter, and names appear in logs and metrics.
-_NAME: Final = re.compile(r"[A-Za-z0-9._@-]{1,%d}" % NAME_MAX)
+_NAME: Final = re.compile(rf"[A-Za-z0-9._@-]{{1,{NAME_MAX}}}")
 
 LABEL_MAX: Final = 100
 LABEL_RULE: Final = f"must be at most {LABEL_MAX} characters, with no control characters"

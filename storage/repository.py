@@ -189,10 +189,7 @@ async def record_token_use(token_hashes: list[str], *, at: datetime, every: time
             await GatewayToken.update({GatewayToken.last_used_at: at})
             .where(
                 GatewayToken.token_hash.is_in(token_hashes)
-                & (
-                    GatewayToken.last_used_at.is_null()
-                    | (GatewayToken.last_used_at < at - every)
-                )
+                & (GatewayToken.last_used_at.is_null() | (GatewayToken.last_used_at < at - every))
             )
             .returning(GatewayToken.id)
             .run()

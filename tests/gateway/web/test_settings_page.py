@@ -38,7 +38,7 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
-WRONG_TOKEN = "Invalid, unknown or revoked gateway token."
+WRONG_TOKEN = "Invalid, unknown, expired or revoked gateway token."
 
 
 def new_key(tag: str = "k") -> str:
