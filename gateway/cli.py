@@ -582,13 +582,14 @@ def tokens() -> None:
 
 
 def _duration(value: str) -> timedelta:
-    found = re.fullmatch(r"\s*(\d{1,6})\s*([dhm]?)\s*", value)
+    found = re.fullmatch(r"\s*(\d{1,6})\s*([dhms]?)\s*", value)
     if found is None or int(found.group(1)) == 0:
         raise click.BadParameter(
-            f"must be a positive number of days (90d), hours (12h) or minutes (30m), got {value!r}"
+            "must be a positive number of days (90d), hours (12h), minutes (30m) or "
+            f"seconds (45s), got {value!r}"
         )
     amount, unit = int(found.group(1)), found.group(2) or "d"
-    units = {"d": "days", "h": "hours", "m": "minutes"}
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
     return timedelta(**{units[unit]: amount})
 
 
@@ -599,7 +600,7 @@ def _duration(value: str) -> timedelta:
     "--expires",
     default=None,
     metavar="DURATION",
-    help="Stop accepting the token after this long: 90d, 12h, 30m  [default: never]",
+    help="Stop accepting the token after this long: 90d, 12h, 30m, 45s  [default: never]",
 )
 def tokens_issue(name: str, label: str, expires: str | None) -> None:
     """Issue a new token for user NAME (printed alone on the last line)."""

@@ -38,7 +38,7 @@ from ipc.reaper import Reaped, Reaper, reap_once
 from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import connected
-from storage.errors import DecryptionError
+from storage.errors import DecryptionError, MasterKeyError
 
 log = logging.getLogger("gateway.launcher")
 
@@ -91,7 +91,15 @@ def check_master_key(settings: Settings, sample: repository.StoredKeySample | No
             f"were written with is needed, got neither GATEWAY_MASTER_KEY nor the key file "
             f"{settings.master_key_file} (restore it from your backup)"
         )
-    key = resolve_master_key(settings)
+    try:
+        key = resolve_master_key(settings)
+    except MasterKeyError as exc:
+        where = (
+            "GATEWAY_MASTER_KEY"
+            if settings.master_key is not None
+            else f"GATEWAY_MASTER_KEY (key file {settings.master_key_file})"
+        )
+        raise LaunchError(f"{where}: {exc}") from None
     if sample is not None:
         try:
             key.decrypt(sample.ciphertext, sample.nonce, user_id=sample.user_id)

@@ -194,6 +194,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """GATEWAY_DATABASE_URL, or the SQLite file in GATEWAY_DATA_DIR, unchecked (for
+    Piccolo's own configuration module)."""
+    env = os.environ if environ is None else environ
+    data_dir = Path(env.get("GATEWAY_DATA_DIR") or "gateway-data").expanduser().absolute()
+    return env.get("GATEWAY_DATABASE_URL") or f"sqlite:///{data_dir / 'gateway.sqlite3'}"
+
+
 def database_configured(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the environment names the data folder or the database (else the default,
     ./gateway-data, applies: the command line then looks for a running gateway's)."""
