@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from litestar import Controller, Request, delete, get, put
+from litestar import Controller, HttpMethod, Request, Response, delete, get, put, route
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_T
 from gateway.audit import audit
 from gateway.errors import (
     AuthenticationFailed,
+    Conflict,
     InvalidRequest,
     PayloadTooLarge,
     ServerFault,
@@ -38,6 +39,7 @@ MAX_CAP: Final = 256
 MAX_KEY_LENGTH: Final = 256
 KEY_PREFIX: Final = "sk-ant-"
 MAX_SETTINGS_BODY: Final = 64 * 1024
+ALLOWED_METHODS: Final = "DELETE, GET, OPTIONS, PUT"
 TOO_LARGE_MESSAGE: Final = f"body: must be at most 64 KiB ({MAX_SETTINGS_BODY} bytes)"
 
 
@@ -105,6 +107,10 @@ def parse_key_update(raw: bytes) -> KeyUpdate:
     if key is None and cap is None:
         raise InvalidRequest("body: at least one of key, max_concurrent is required")
     if cap is not None:
+        if type(cap) is float and cap.is_integer() and MIN_CAP <= cap <= MAX_CAP:
+            # JSON has one number type, and JSON Schema's "integer" admits 8.0: the schema
+            # promises it, so it is taken (JavaScript cannot even tell 8.0 from 8).
+            cap = int(cap)
         if type(cap) is not int:
             raise InvalidRequest(f"max_concurrent: must be an integer from {MIN_CAP} to {MAX_CAP}")
         if not MIN_CAP <= cap <= MAX_CAP:
@@ -177,6 +183,14 @@ def _storage_down(exc: StorageError) -> Exception:
     return ServerFault("The gateway could not complete the change.")
 
 
+_KEY_SCHEMA = Schema(
+    type=OpenAPIType.STRING,
+    max_length=MAX_KEY_LENGTH,
+    pattern="^sk-ant-[!-~]*$",
+)
+_CAP_SCHEMA = Schema(type=OpenAPIType.INTEGER, minimum=MIN_CAP, maximum=MAX_CAP)
+
+
 @dataclass
 class _KeyUpdateOperation(Operation):
     """The PUT body is parsed by hand (for the documented error order); describe it here.
@@ -194,20 +208,26 @@ class _KeyUpdateOperation(Operation):
                         type=OpenAPIType.OBJECT,
                         properties={
                             "key": Schema(
-                                type=OpenAPIType.STRING,
-                                max_length=MAX_KEY_LENGTH,
-                                pattern="^sk-ant-[!-~]*$",
-                                description="The user's Anthropic API key (write-only)",
+                                one_of=[_KEY_SCHEMA, Schema(type=OpenAPIType.NULL)],
+                                description="The user's Anthropic API key (write-only); "
+                                "null or absent: keep the stored one",
                             ),
                             "max_concurrent": Schema(
-                                type=OpenAPIType.INTEGER,
-                                minimum=MIN_CAP,
-                                maximum=MAX_CAP,
-                                description="Concurrent requests allowed on this key",
+                                one_of=[_CAP_SCHEMA, Schema(type=OpenAPIType.NULL)],
+                                description="Concurrent requests allowed on this key; null "
+                                "or absent: keep the stored cap (8 for a new key)",
                             ),
                         },
                         additional_properties=False,
                         min_properties=1,
+                        # At least one of the two, not null.
+                        any_of=[
+                            Schema(required=["key"], properties={"key": _KEY_SCHEMA}),
+                            Schema(
+                                required=["max_concurrent"],
+                                properties={"max_concurrent": _CAP_SCHEMA},
+                            ),
+                        ],
                     ),
                     example={"key": "sk-ant-api03-...", "max_concurrent": 8},
                 )
@@ -220,6 +240,12 @@ class AnthropicKeyController(Controller):
     tags = ["settings"]
     # Either header carries the gateway token, as on the proxy.
     security = [{"gatewayToken": []}, {"apiKey": []}]
+
+    @route(http_method=[HttpMethod.OPTIONS], include_in_schema=False, status_code=204)
+    async def options(self) -> Response[None]:
+        # Litestar's own OPTIONS answer on a controller lists only the last handler's
+        # method (DELETE); the resource has all of these.
+        return Response(None, status_code=204, headers={"allow": ALLOWED_METHODS})
 
     @get(
         summary="Whether an Anthropic key is stored, its concurrency cap and the cap in use now",
@@ -259,6 +285,7 @@ class AnthropicKeyController(Controller):
             ),
             401: UNAUTHORIZED,
             413: error_response("The body is larger than 64 KiB"),
+            409: error_response("A cap alone while no key is stored: send key as well"),
             415: error_response("The content-type is not application/json"),
             503: UNAVAILABLE,
         },
@@ -282,7 +309,7 @@ class AnthropicKeyController(Controller):
                 assert update.max_concurrent is not None
                 change = await repository.update_cap(user_id, update.max_concurrent)
                 if change is None:
-                    raise InvalidRequest(
+                    raise Conflict(
                         "max_concurrent: no Anthropic key configured yet; send key as well"
                     )
             else:

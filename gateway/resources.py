@@ -101,9 +101,7 @@ class WorkerResources(ProxyRuntime):
         self.upstream = Upstream(settings)
         loop = asyncio.get_running_loop()
         self._trimmer = loop.create_task(HeapTrimmer(settings.heap_trim_interval).run())
-        self._token_use = TokenUseRecorder(
-            self.credentials, interval=settings.token_use_interval
-        )
+        self._token_use = TokenUseRecorder(self.credentials, interval=settings.token_use_interval)
         self._token_use_task = loop.create_task(self._token_use.run())
         if settings.metrics_dir is not None:
             self.worker_metrics = WorkerMetrics()
