@@ -70,8 +70,6 @@ def _settings(*, discover: bool = True, **overrides: object) -> Settings:
         configure_logging(settings.log_level)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    if discover:
-        _warn_if_new_database(settings)
     return settings
 
 
@@ -131,6 +129,8 @@ def _warn_if_new_database(settings: Settings) -> None:
 
 
 def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
+    _warn_if_new_database(settings)
+
     async def run() -> T:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         async with connected(settings.database_url):

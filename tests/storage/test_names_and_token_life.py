@@ -18,9 +18,7 @@ GOOD_NAMES = ["a", "x" * 64, "frank.o-k_1@example.com"]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-async def test_the_repository_refuses_a_bad_name_naming_the_rule(
-    db: AnyEngine, name: str
-) -> None:
+async def test_the_repository_refuses_a_bad_name_naming_the_rule(db: AnyEngine, name: str) -> None:
     with pytest.raises(InvalidValue, match=r"name: must be 1\.\.64 characters"):
         await repository.create_user(name)
     assert await repository.list_users() == []

@@ -356,7 +356,8 @@ def test_a_revoked_token_signs_the_page_out(
     page.log.allow_status(401)
     page.open()
     page.sign_in(token)
-    token_id = shared_gateway.cli("tokens", "list", name).stdout.split()[0]
+    listed = shared_gateway.cli("tokens", "list", name, "--json").stdout.splitlines()
+    token_id = str(json.loads(listed[0])["id"])
     shared_gateway.cli("tokens", "revoke", token_id)
     page.page.get_by_role("button", name="Refresh").click()
     expect(page.error_of("token")).to_have_text(WRONG_TOKEN)
