@@ -64,6 +64,7 @@ class AddressClaim:
         try:
             probe_bind(self.host, self.port)
         except AddressTaken:
+            path.unlink(missing_ok=True)  # ours while we hold its lock: leave nothing behind
             os.close(fd)
             raise
         os.ftruncate(fd, 0)

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.address import address_lock_path
 from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import connected
@@ -97,6 +98,7 @@ def test_a_port_another_program_listens_on_is_refused(gateway_env: dict[str, str
             {**gateway_env, "GATEWAY_METRICS_PORT": "0"}, "--workers", "1", "--port", str(port)
         )
     assert_refused(result, f"127.0.0.1:{port}", "another program", "Address already in use")
+    assert not address_lock_path("127.0.0.1", port).exists()  # nothing left in /dev/shm
 
 
 # -- settings checked before the banner ---------------------------------------------------
