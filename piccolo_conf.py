@@ -2,9 +2,12 @@
 
 from piccolo.conf.apps import AppRegistry
 
-from gateway.settings import Settings
+from gateway.settings import database_url_from_env
 from storage.engine import create_engine
 
-DB = create_engine(Settings.from_env().database_url)
+# Only the database is read here (the gateway validates every other setting itself and
+# replaces this engine when it migrates), and no folder is made: importing this module
+# must neither fail on an unrelated variable nor create ./gateway-data.
+DB = create_engine(database_url_from_env(), mkdir=False)
 
 APP_REGISTRY = AppRegistry(apps=["storage.piccolo_app"])

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
-from litestar import Litestar, Request, Response, get
+import msgspec
+from litestar import HttpMethod, Litestar, Request, Response, get, head, route
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Tag
 
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, NotFound, error_body
 from gateway.logs import configure_logging
-from gateway.me_api import AnthropicKeyController
+from gateway.me_api import UNAUTHORIZED, AnthropicKeyController, error_response
 from gateway.paths import has_traversal
 from gateway.proxy import Proxy
 from gateway.proxy import Receive as ProxyReceive
@@ -53,7 +55,11 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     kind = _KIND_BY_STATUS.get(exc.status_code, "api_error")
     message = exc.detail if exc.status_code < 500 else "Internal server error."
     return Response(
-        error_body(kind, message), status_code=exc.status_code, media_type="application/json"
+        error_body(kind, message),
+        status_code=exc.status_code,
+        media_type="application/json",
+        # A 405's Allow, among others: the router sets it, the answer must keep it.
+        headers=exc.headers if exc.status_code < 500 else None,
     )
 
 
@@ -67,31 +73,83 @@ def _unexpected_error(_: Request[Any, Any, Any], exc: Exception) -> Response[byt
     )
 
 
-@get(
-    "/healthz",
-    summary="200 when the database (and with Redis gates, Redis) answers, 503 when not",
-)
-async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+class HealthStatus(msgspec.Struct):
+    status: Literal["ok"]
+
+
+HEALTH_DOWN = error_response("The database (or, with Redis gates, Redis) does not answer")
+
+
+async def _health_problem(request: Request[Any, Any, Any]) -> str | None:
     try:
         await ping()
     except StorageError:
-        return Response(
-            error_body("api_error", "database unreachable"),
-            status_code=503,
-            media_type="application/json",
-        )
+        return "database unreachable"
     shared = request.app.state.resources.shared
     if shared is not None:
         # A host cut off from Redis refuses every request: a load balancer should know.
         try:
             await shared.ping()
         except GatesUnavailable:
-            return Response(
-                error_body("api_error", "coordination store unreachable"),
-                status_code=503,
-                media_type="application/json",
-            )
-    return Response(b'{"status":"ok"}', media_type="application/json")
+            return "coordination store unreachable"
+    return None
+
+
+@get(
+    "/healthz",
+    summary="200 when the database (and with Redis gates, Redis) answers, 503 when not",
+    tags=["health"],
+    responses={503: HEALTH_DOWN},
+)
+async def healthz(request: Request[Any, Any, Any]) -> Response[HealthStatus]:
+    problem = await _health_problem(request)
+    if problem is not None:
+        return Response(
+            error_body("api_error", problem),  # type: ignore[arg-type]
+            status_code=503,
+            media_type="application/json",
+        )
+    return Response(HealthStatus(status="ok"), media_type="application/json")
+
+
+@head("/healthz", summary="As GET /healthz, without a body", tags=["health"])
+async def healthz_head(request: Request[Any, Any, Any]) -> Response[None]:
+    problem = await _health_problem(request)
+    return Response(None, status_code=503 if problem else 200, headers={"content-length": "0"})
+
+
+_PROXY_DESCRIPTION = (
+    "Every /v1/* request is relayed to the Anthropic API as it is (method, path, query, "
+    "body and the allow-listed headers), with the user's own Anthropic key in place of "
+    "the gateway token, and the answer streamed back byte for byte (SSE included). The "
+    "gateway answers itself, in Anthropic's error envelope, only: 401 (token), 413 (a "
+    "body over 32 MiB), 429 overloaded_error (over the user's or the global concurrency "
+    "cap, with retry-after), 502/504 (upstream unreachable or stalled) and 503."
+)
+
+
+@route(
+    "/v1/{path:path}",
+    http_method=[
+        HttpMethod.GET,
+        HttpMethod.POST,
+        HttpMethod.PUT,
+        HttpMethod.PATCH,
+        HttpMethod.DELETE,
+    ],
+    summary="Anthropic API pass-through (the Messages API and the rest of /v1)",
+    description=_PROXY_DESCRIPTION,
+    tags=["proxy"],
+    security=[{"gatewayToken": []}, {"apiKey": []}],
+    responses={
+        401: UNAUTHORIZED,
+        429: error_response("Over a concurrency cap; retry after retry-after"),
+    },
+    status_code=200,
+)
+async def proxy_documentation(path: str) -> None:
+    # Documentation only: GatewayApp hands every /v1/ path to the proxy before routing.
+    raise NotFound(f"/v1/{path}: not routed here")
 
 
 def create_app(settings: Settings) -> GatewayApp:
@@ -117,7 +175,14 @@ def create_app(settings: Settings) -> GatewayApp:
             await resources.close()
 
     app = Litestar(
-        route_handlers=[AnthropicKeyController, UsageController, healthz, settings_page_router()],
+        route_handlers=[
+            AnthropicKeyController,
+            UsageController,
+            healthz,
+            healthz_head,
+            proxy_documentation,
+            settings_page_router(),
+        ],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _gateway_error,
@@ -127,10 +192,32 @@ def create_app(settings: Settings) -> GatewayApp:
         openapi_config=OpenAPIConfig(
             title="LLM gateway",
             version="0.1.0",
+            description=(
+                "An Anthropic-compatible gateway. The settings API manages the caller's own "
+                "Anthropic key and concurrency cap; /v1/* is the pass-through. Send the "
+                "gateway token as `x-api-key` or `Authorization: Bearer`."
+            ),
             path="/schema",
+            # The JSON document only (at /schema and /schema/openapi.json): Litestar's
+            # Redoc and Swagger pages load their scripts and fonts from CDNs, blank on a
+            # host without internet.
+            render_plugins=[JsonRenderPlugin()],
+            tags=[
+                Tag(name="settings", description="The caller's Anthropic key and cap"),
+                Tag(name="proxy", description=_PROXY_DESCRIPTION),
+                Tag(name="health", description="For load balancers and monitors"),
+            ],
             components=Components(
                 security_schemes={
-                    "gatewayToken": SecurityScheme(type="http", scheme="bearer"),
+                    "gatewayToken": SecurityScheme(
+                        type="http", scheme="bearer", description="The gateway token"
+                    ),
+                    "apiKey": SecurityScheme(
+                        type="apiKey",
+                        name="x-api-key",
+                        security_scheme_in="header",
+                        description="The gateway token, as Anthropic's SDKs send a key",
+                    ),
                 }
             ),
         ),

@@ -5,22 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 import click
 import msgspec
 
+from gateway.audit import audit
 from gateway.logs import configure_logging
 from gateway.settings import (
     GranianOptions,
     Settings,
     SettingsError,
+    database_configured,
+    database_identity,
+    namespace_configured,
     namespace_prefix,
+    parse_int,
     redacted_url,
 )
 from gateway.usage.command import usage_command
@@ -42,18 +49,90 @@ from storage.crypto import MasterKey
 from storage.engine import connected
 from storage.errors import StorageError
 from storage.keyring import Keyring, read_keyring_file
+from storage.names import label_problem, name_problem
 
 T = TypeVar("T")
 
 
-def _settings(**overrides: object) -> Settings:
+def _settings(*, discover: bool = True, **overrides: object) -> Settings:
+    """Settings from the environment and flags, every one validated (one ``Error: NAME:
+    rule, got value`` line and status 1 otherwise).
+
+    With no data folder or database configured, the command line works on the running
+    gateway's database rather than create ./gateway-data wherever it happens to be run:
+    the gateway of GATEWAY_IPC_NAMESPACE if set, else the one gateway running on this
+    host. It says loudly when it is about to create a new database beside a running
+    gateway's.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings.from_env(None, **{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings.from_env(None, **given)
+        if discover and "data_dir" not in given and not database_configured():
+            settings = _running_gateways_settings(settings, given)
+        configure_logging(settings.log_level)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    return settings
+
+
+def _running_gateways_settings(settings: Settings, given: dict[str, object]) -> Settings:
+    from gateway.instances import running_gateways
+
+    gateways = running_gateways()
+    namespace = namespace_configured()
+    if namespace is not None:
+        gateways = [g for g in gateways if g.launcher.namespace == namespace]
+    ours = database_identity(settings.database_url)
+    databases = {g.database: g for g in gateways}
+    if not databases or ours in databases:
+        return settings
+    if len(databases) > 1:
+        listed = "\n  ".join(g.describe() for g in databases.values())
+        raise click.ClickException(
+            "GATEWAY_DATA_DIR: must name the gateway to work on, got none while several "
+            f"run with different databases:\n  {listed}\nset GATEWAY_DATA_DIR (or "
+            "GATEWAY_DATABASE_URL, or GATEWAY_IPC_NAMESPACE) to choose one"
+        )
+    (gateway,) = databases.values()
+    click.echo(f"using the database of the running {gateway.describe()}", err=True)
+    return Settings.from_env(
+        None,
+        **{
+            **given,
+            "data_dir": gateway.info.data_dir,
+            "database_url": gateway.info.database_url,
+            "ipc_namespace": gateway.launcher.namespace,
+        },
+    )
+
+
+def _warn_if_new_database(settings: Settings) -> None:
+    """A new SQLite file while a gateway runs on another database is almost always a
+    command run from the wrong folder: say so before creating it."""
+    if not settings.is_sqlite:
+        return
+    path = Path(settings.database_url.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    from gateway.instances import running_gateways
+
+    ours = database_identity(settings.database_url)
+    others = [g for g in running_gateways() if g.database != ours]
+    if not others:
+        return
+    click.secho(
+        f"WARNING: creating a NEW database {path}, while this host runs a gateway on "
+        f"another one: {others[0].describe()}. Users and tokens made here are unknown to "
+        "it; set GATEWAY_DATA_DIR to its data folder to work on it instead.",
+        err=True,
+        fg="yellow",
+        bold=True,
+    )
 
 
 def _with_database(settings: Settings, work: Callable[[], Awaitable[T]]) -> T:
+    _warn_if_new_database(settings)
+
     async def run() -> T:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         async with connected(settings.database_url):
@@ -157,6 +236,7 @@ def _announce_shared(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llm-gateway", prog_name="gateway")
 def main() -> None:
     """An Anthropic-compatible LLM gateway with exact cross-process concurrency caps.
 
@@ -166,15 +246,15 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", envvar="GATEWAY_HOST", default="127.0.0.1", show_default=True)
-@click.option("--port", envvar="GATEWAY_PORT", type=int, default=8080, show_default=True)
+@click.option(
+    "--host", default=None, help="Address to listen on  [default: GATEWAY_HOST or 127.0.0.1]"
+)
+@click.option("--port", default=None, help="Port to listen on  [default: GATEWAY_PORT or 8080]")
 @click.option(
     "--workers",
     envvar="GATEWAY_WORKERS",
-    type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default="number of cores",
-    help="Granian worker processes.",
+    default=None,
+    help="Granian worker processes  [default: GATEWAY_WORKERS or the number of cores]",
 )
 @click.option("--backlog", type=click.IntRange(min=128), default=8192, show_default=True)
 @click.option(
@@ -238,6 +318,26 @@ def main() -> None:
     help="Address of the Prometheus endpoint.  [default: GATEWAY_METRICS_HOST or 127.0.0.1]",
 )
 @click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of the SQLite database and the master key file  [default: "
+    "GATEWAY_DATA_DIR or ./gateway-data]",
+)
+@click.option(
+    "--upstream-url",
+    default=None,
+    help="The Anthropic API the gateway forwards to  [default: GATEWAY_UPSTREAM_URL or "
+    "https://api.anthropic.com]",
+)
+@click.option(
+    "--global-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight across all users at most  [default: "
+    "PROXY_MAX_GLOBAL_CONCURRENT, or no global cap]",
+)
+@click.option(
     "--tls-cert",
     default=None,
     help="Serve HTTPS with this PEM certificate (chain), through Granian's own TLS; "
@@ -250,6 +350,9 @@ def main() -> None:
     "[default: GATEWAY_TLS_KEY]",
 )
 def serve(
+    data_dir: str | None,
+    upstream_url: str | None,
+    global_cap: int | None,
     tls_cert: str | None,
     tls_key: str | None,
     queue_timeout: float | None,
@@ -257,20 +360,30 @@ def serve(
     http: str,
     metrics_port: int | None,
     metrics_host: str | None,
-    host: str,
-    port: int,
-    workers: int,
+    host: str | None,
+    port: str | None,
+    workers: str | None,
     backlog: int,
     backpressure: int,
     worker_kill_timeout: int,
     worker_lifetime: int | None,
     worker_max_rss: int | None,
 ) -> None:
-    """Start the gateway: migrate, claim the IPC namespace, run Granian workers."""
+    """Start the gateway: check the settings, the address, the database and the master
+    key; migrate; claim the IPC namespace; run Granian workers.
+
+    Refuses to start (one error line, status 1) when any setting is invalid, the address
+    is taken, or the master key does not decrypt a stored key. SIGHUP is ignored (the
+    settings are read once: restart to change them); SIGTERM or Ctrl-C stops it.
+    """
     from gateway.launcher import Launcher, LaunchError
     from gateway.tls import TLSConfigError, check_tls_files
 
     settings = _settings(
+        discover=False,
+        data_dir=data_dir,
+        upstream_url=upstream_url,
+        global_cap=global_cap,
         host=host,
         port=port,
         queue_timeout=queue_timeout,
@@ -284,11 +397,19 @@ def serve(
             check_tls_files(settings.tls_cert, settings.tls_key)
         except TLSConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    configure_logging(settings.log_level)
+    try:
+        worker_count = parse_int(
+            workers,
+            "GATEWAY_WORKERS",
+            os.cpu_count() or 1,
+            lo=1,
+        )
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     options = GranianOptions(
-        host=host,
-        port=port,
-        workers=workers,
+        host=settings.host,
+        port=settings.port,
+        workers=worker_count,
         launcher_pid=os.getpid(),
         backlog=backlog,
         backpressure=backpressure,
@@ -301,9 +422,9 @@ def serve(
         tls_cert=str(settings.tls_cert) if settings.tls_cert else None,
         tls_key=str(settings.tls_key) if settings.tls_key else None,
     )
-    base = f"{settings.scheme}://{host}:{port}"
-    click.echo(
-        f"LLM gateway on {base} ({workers} workers, data in {settings.data_dir})\n"
+    base = f"{settings.scheme}://{settings.host}:{settings.port}"
+    banner = (
+        f"LLM gateway on {base} ({worker_count} workers, data in {settings.data_dir})\n"
         "  create a user (prints its token):  gateway users create alice\n"
         f"  store the user's Anthropic key:    curl -X PUT {base}/api/v1/me/anthropic-key \\\n"
         '      -H "Authorization: Bearer $TOKEN" -H "content-type: application/json" \\\n'
@@ -315,11 +436,10 @@ def serve(
             f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
             if settings.metrics_port
             else "\n  Prometheus metrics:                off (--metrics-port 0)"
-        ),
-        err=True,
+        )
     )
     try:
-        code = Launcher(settings, options).run()
+        code = Launcher(settings, options).run(ready=lambda: click.echo(banner, err=True))
     except (IpcError, StorageError, LaunchError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
@@ -485,25 +605,83 @@ def users() -> None:
 @click.argument("name")
 @click.option("--label", default="first token", show_default=True, help="Label of the token.")
 def users_create(name: str, label: str) -> None:
-    """Create user NAME and issue its first token (printed alone on the last line)."""
+    """Create user NAME (1..64 of letters, digits and . _ - @) and issue its first token
+    (printed alone on the last line)."""
+    _refuse_bad(name_problem(name), label_problem(label))
     settings = _settings()
 
-    async def work() -> tuple[repository.UserRecord, str]:
+    async def work() -> tuple[repository.UserRecord, repository.TokenRecord, str]:
         user = await repository.create_user(name)
-        _record, token = await repository.issue_token(user.id, label=label)
-        return user, token
+        record, token = await repository.issue_token(user.id, label=label)
+        return user, record, token
 
-    user, token = _with_database(settings, work)
+    user, record, token = _with_database(settings, work)
+    audit("user_created", source="cli", user=user.name, user_id=str(user.id))
+    audit("token_issued", source="cli", user=user.name, token_id=record.id, label=label)
     click.echo(f"created user {user.name} ({user.id}); its gateway token (shown once):")
     click.echo(token)
 
 
+class _UserRow(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    created_at: str
+    key: bool
+    cap: int | None
+    tokens: int  # usable now: neither revoked nor expired
+
+
 @users.command("list")
-def users_list() -> None:
-    """List users."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per user.")
+def users_list(as_json: bool) -> None:
+    """List users: whether each has an Anthropic key stored, its cap, and its usable tokens."""
     settings = _settings()
-    for user in _with_database(settings, repository.list_users):
-        click.echo(f"{user.id}  {user.name}  created {user.created_at.isoformat()}")
+
+    async def work() -> tuple[
+        list[repository.UserRecord], list[repository.KeyCap], list[repository.TokenRecord]
+    ]:
+        return (
+            await repository.list_users(),
+            await repository.list_key_caps(),
+            await repository.list_tokens(),
+        )
+
+    users_found, keys, token_records = _with_database(settings, work)
+    caps = {key.user_id: key.max_concurrent for key in keys}
+    now = datetime.now(UTC)
+    usable: dict[uuid.UUID, int] = {}
+    for record in token_records:
+        if record.revoked_at is None and not record.expired(now):
+            usable[record.user_id] = usable.get(record.user_id, 0) + 1
+    rows = [
+        _UserRow(
+            id=str(user.id),
+            name=user.name,
+            created_at=_when(user.created_at),
+            key=user.id in caps,
+            cap=caps.get(user.id),
+            tokens=usable.get(user.id, 0),
+        )
+        for user in users_found
+    ]
+    if as_json:
+        for row in rows:
+            click.echo(msgspec.json.encode(row))
+        return
+    header = ("name", "key", "cap", "tokens", "created", "id")
+    cells = [
+        (
+            row.name,
+            "yes" if row.key else "no",
+            str(row.cap or "-"),
+            str(row.tokens),
+            row.created_at,
+            row.id,
+        )
+        for row in rows
+    ]
+    for line in _columns(header, cells, right={2, 3}):
+        click.echo(line)
 
 
 @users.command("delete")
@@ -522,6 +700,7 @@ def users_delete(name: str) -> None:
     user = _with_database(settings, work)
     if user is None:
         raise click.ClickException(f"no user named {name!r}")
+    audit("user_deleted", source="cli", user=name, user_id=str(user.id))
     _announce_change(settings, deleted_user=user.id)
     click.echo(f"deleted user {name}")
 
@@ -550,8 +729,9 @@ def users_set_cap(name: str, cap: int) -> None:
             f"user {name!r} has no Anthropic key stored; a cap needs a key "
             "(PUT /api/v1/me/anthropic-key)"
         )
-    _announce_change(settings, cap_change=change)
     previous = change.previous.max_concurrent if change.previous is not None else None
+    audit("cap_changed", source="cli", user=name, old_cap=previous, new_cap=cap)
+    _announce_change(settings, cap_change=change)
     click.echo(f"cap of {name}: {previous} -> {cap}")
 
 
@@ -560,28 +740,74 @@ def tokens() -> None:
     """Issue, list and revoke gateway tokens."""
 
 
+def _duration(value: str) -> timedelta:
+    found = re.fullmatch(r"\s*(\d{1,6})\s*([dhms]?)\s*", value)
+    if found is None or int(found.group(1)) == 0:
+        raise click.BadParameter(
+            "must be a positive number of days (90d), hours (12h), minutes (30m) or "
+            f"seconds (45s), got {value!r}"
+        )
+    amount, unit = int(found.group(1)), found.group(2) or "d"
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    return timedelta(**{units[unit]: amount})
+
+
 @tokens.command("issue")
 @click.argument("name")
 @click.option("--label", default="", help="A label to recognise the token by.")
-def tokens_issue(name: str, label: str) -> None:
+@click.option(
+    "--expires",
+    default=None,
+    metavar="DURATION",
+    help="Stop accepting the token after this long: 90d, 12h, 30m, 45s  [default: never]",
+)
+def tokens_issue(name: str, label: str, expires: str | None) -> None:
     """Issue a new token for user NAME (printed alone on the last line)."""
+    _refuse_bad(label_problem(label))
+    try:
+        lifetime = None if expires is None else _duration(expires)
+    except click.BadParameter as exc:
+        raise click.ClickException(f"--expires: {exc.message}") from None
     settings = _settings()
+    expires_at = None if lifetime is None else datetime.now(UTC) + lifetime
 
     async def work() -> tuple[repository.TokenRecord, str]:
         user = await repository.get_user(name)
         if user is None:
             raise click.ClickException(f"no user named {name!r}")
-        return await repository.issue_token(user.id, label=label)
+        return await repository.issue_token(user.id, label=label, expires_at=expires_at)
 
     record, token = _with_database(settings, work)
-    click.echo(f"issued token {record.id} for {name}; shown once:")
+    audit(
+        "token_issued",
+        source="cli",
+        user=name,
+        token_id=record.id,
+        label=label,
+        expires_at=None if expires_at is None else _when(expires_at),
+    )
+    until = "" if expires_at is None else f", valid until {_when(expires_at)}"
+    click.echo(f"issued token {record.id} for {name}{until}; shown once:")
     click.echo(token)
+
+
+class _TokenRow(msgspec.Struct, frozen=True):
+    id: int
+    user: str
+    label: str
+    state: str
+    created_at: str
+    last_used_at: str | None
+    expires_at: str | None
+    revoked_at: str | None
 
 
 @tokens.command("list")
 @click.argument("name", required=False)
-def tokens_list(name: str | None) -> None:
-    """List tokens (of user NAME, or all)."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
+def tokens_list(name: str | None, as_json: bool) -> None:
+    """List tokens (of user NAME, or all): state, created, last used (recorded at most
+    about once a minute), expiry."""
     settings = _settings()
 
     async def work() -> list[repository.TokenRecord]:
@@ -592,9 +818,41 @@ def tokens_list(name: str | None) -> None:
             raise click.ClickException(f"no user named {name!r}")
         return await repository.list_tokens(user.id)
 
+    now = datetime.now(UTC)
+    rows = []
     for record in _with_database(settings, work):
-        state = f"revoked {record.revoked_at.isoformat()}" if record.revoked_at else "active"
-        click.echo(f"{record.id}  {record.user_name}  {record.label or '-'}  {state}")
+        state = "revoked" if record.revoked_at else "expired" if record.expired(now) else "active"
+        rows.append(
+            _TokenRow(
+                id=record.id,
+                user=record.user_name,
+                label=record.label,
+                state=state,
+                created_at=_when(record.created_at),
+                last_used_at=None if record.last_used_at is None else _when(record.last_used_at),
+                expires_at=None if record.expires_at is None else _when(record.expires_at),
+                revoked_at=None if record.revoked_at is None else _when(record.revoked_at),
+            )
+        )
+    if as_json:
+        for row in rows:
+            click.echo(msgspec.json.encode(row))
+        return
+    header = ("id", "user", "label", "state", "created", "last used", "expires")
+    cells = [
+        (
+            str(row.id),
+            row.user,
+            row.label or "-",
+            row.state,
+            row.created_at,
+            row.last_used_at or "never",
+            row.expires_at or "never",
+        )
+        for row in rows
+    ]
+    for line in _columns(header, cells, right={0}):
+        click.echo(line)
 
 
 @tokens.command("revoke")
@@ -603,10 +861,74 @@ def tokens_revoke(token_id: int) -> None:
     """Revoke token TOKEN_ID; running gateways refuse it on their next request."""
     settings = _settings()
     _check_shared_gates(settings)
-    if not _with_database(settings, lambda: repository.revoke_token(token_id)):
+
+    async def work() -> repository.TokenRecord | None:
+        record = await repository.get_token(token_id)
+        if record is None or not await repository.revoke_token(token_id):
+            return None
+        return record
+
+    record = _with_database(settings, work)
+    if record is None:
         raise click.ClickException(f"no active token with id {token_id}")
+    audit("token_revoked", source="cli", user=record.user_name, token_id=token_id)
     _announce_change(settings)
     click.echo(f"revoked token {token_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per gateway.")
+def status(as_json: bool) -> None:
+    """The gateways running on this host: address, workers, namespace, database and
+    data folder (exit status 1 when none runs)."""
+    from gateway.instances import running_gateways
+
+    found = running_gateways()
+    if not found:
+        raise click.ClickException("no running gateway found on this host")
+    for gateway in found:
+        info = gateway.info
+        entry = {
+            "url": f"http://{info.host}:{info.port}",
+            "launcher_pid": gateway.launcher.pid,
+            "workers": info.workers,
+            "namespace": gateway.launcher.namespace,
+            "database": redacted_url(info.database_url),
+            "data_dir": info.data_dir,
+            "started_at": info.started_at,
+            "version": info.version,
+        }
+        if as_json:
+            click.echo(msgspec.json.encode(entry))
+            continue
+        width = max(len(key) for key in entry)
+        click.echo(f"gateway {entry['url']}")
+        for key, value in entry.items():
+            if key != "url":
+                click.echo(f"  {key.replace('_', ' ').ljust(width)}  {value}")
+
+
+def _refuse_bad(*problems: str | None) -> None:
+    for problem in problems:
+        if problem is not None:
+            raise click.ClickException(problem)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _columns(
+    header: tuple[str, ...], cells: Sequence[tuple[str, ...]], *, right: set[int]
+) -> list[str]:
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return [
+        "  ".join(
+            line[i].rjust(widths[i]) if i in right else line[i].ljust(widths[i])
+            for i in range(len(header))
+        ).rstrip()
+        for line in [header, *cells]
+    ]
 
 
 class _CapRow(msgspec.Struct, frozen=True):

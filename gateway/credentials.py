@@ -17,6 +17,7 @@ on any host is never trusted.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
@@ -35,19 +36,25 @@ NO_KEY_MESSAGE = (
     "No Anthropic API key is configured for this gateway user. Set one with "
     'PUT /api/v1/me/anthropic-key {"key": "sk-ant-..."}.'
 )
+INVALID_TOKEN_MESSAGE = "Invalid, unknown, expired or revoked gateway token."
 # Reloads in a row before an admission gives up: each follows a change committed anywhere.
 MAX_RELOADS = 4
 
 
 class ResolvedCredential:
-    __slots__ = ("api_key", "gate", "user_id")
+    __slots__ = ("api_key", "expires_at", "gate", "user_id")
 
     def __init__(
-        self, user_id: uuid.UUID, api_key: str, gate: CredentialGate | LeaseGate
+        self,
+        user_id: uuid.UUID,
+        api_key: str,
+        gate: CredentialGate | LeaseGate,
+        expires_at: float | None = None,
     ) -> None:
         self.user_id = user_id
         self.api_key = api_key
         self.gate = gate
+        self.expires_at = expires_at  # epoch seconds; None: the token never expires
 
 
 class CredentialCache:
@@ -63,6 +70,9 @@ class CredentialCache:
         self._max_entries = max_entries
         self._entries: dict[str, ResolvedCredential] = {}
         self._generation = gatekeeper.generation()
+        # Hashes of the tokens used since the last flush: a set add per request; the
+        # worker writes them as last-used times off the request path (``TokenUseRecorder``).
+        self.used: set[str] = set()
 
     def _sync(self) -> int | str:
         generation = self._gatekeeper.generation()
@@ -76,9 +86,13 @@ class CredentialCache:
         self._sync()
         token_hash = hash_token(token)
         entry = self._entries.get(token_hash)
-        if entry is not None:
-            return entry
-        return await self._load(token_hash)
+        if entry is None:
+            entry = await self._load(token_hash)
+        elif entry.expires_at is not None and entry.expires_at <= time.time():
+            del self._entries[token_hash]
+            raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
+        self.used.add(token_hash)
+        return entry
 
     async def admit_shared(
         self, token: str, credential: ResolvedCredential, *, within: float = 0.0
@@ -111,7 +125,7 @@ class CredentialCache:
                     "The gateway's database is unavailable; retry shortly."
                 ) from exc
             if found is None:
-                raise AuthenticationFailed("Invalid, unknown or revoked gateway token.")
+                raise AuthenticationFailed(INVALID_TOKEN_MESSAGE)
             stored = found.credential
             if stored is None:
                 raise AuthenticationFailed(NO_KEY_MESSAGE)
@@ -124,10 +138,10 @@ class CredentialCache:
                 )
             except CredentialGone:
                 # Deleted after our read: its token is gone with it.
-                raise AuthenticationFailed("Invalid, unknown or revoked gateway token.") from None
+                raise AuthenticationFailed(INVALID_TOKEN_MESSAGE) from None
             if self._gatekeeper.generation() == before:
                 # No change landed between our read and now: the row may be cached.
-                entry = ResolvedCredential(found.user_id, api_key, gate)
+                entry = ResolvedCredential(found.user_id, api_key, gate, found.expires_at)
                 if len(self._entries) >= self._max_entries:
                     del self._entries[next(iter(self._entries))]
                 self._entries[token_hash] = entry

@@ -4,6 +4,7 @@
     ├── InvalidRequest                   400     invalid_request_error
     ├── AuthenticationFailed             401     authentication_error
     ├── NotFound                         404     not_found_error
+    ├── Conflict                         409     invalid_request_error (a cap with no key)
     ├── RequestTimeout                   408     invalid_request_error (a body too slow)
     ├── PayloadTooLarge                  413     request_too_large (Anthropic's own type)
     ├── UnsupportedMediaType             415     invalid_request_error
@@ -77,6 +78,12 @@ class NotFound(GatewayError):
 class RequestTimeout(GatewayError):
     status = 408
     kind = "invalid_request_error"  # Anthropic's type for any 4xx it has no own type for
+    outcome = "invalid_request"
+
+
+class Conflict(GatewayError):
+    status = 409
+    kind = "invalid_request_error"
     outcome = "invalid_request"
 
 

@@ -204,9 +204,7 @@ class _Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if not 100 <= status <= 599:
             # Status 000 would read as "no status yet" and merge two responses into one.
-            self._fail(
-                httpx.RemoteProtocolError(f"upstream answered with status {status:03d}")
-            )
+            self._fail(httpx.RemoteProtocolError(f"upstream answered with status {status:03d}"))
             raise _Refused
         if status < 200:
             self._headers = []  # an interim response (103 Early Hints): wait for the real one

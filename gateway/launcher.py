@@ -11,11 +11,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import FrameType
 
 import msgspec
 
+from gateway.address import AddressClaim, AddressTaken
 from gateway.cap_sync import CapSync
+from gateway.instances import GatewayInfo, encode_info
 from gateway.metrics.exporter import (
     GatewayCollector,
     MetricsServer,
@@ -34,7 +37,10 @@ from ipc.leases import Redis, Store
 from ipc.namespace import NamespaceClaim
 from ipc.naming import metrics_dir
 from ipc.reaper import Reaped, Reaper, reap_once
+from storage import repository
 from storage.engine import connected
+from storage.errors import DecryptionError, MasterKeyError
+from storage.keyring import Keyring
 from storage.repository import KeyCap
 
 log = logging.getLogger("gateway.launcher")
@@ -70,11 +76,46 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, soft
 
 
-async def prepare_database(settings: Settings) -> None:
-    """Create the data folder and apply migrations (idempotent)."""
+async def prepare_database(settings: Settings) -> repository.StoredKeySample | None:
+    """Create the data folder and apply migrations (idempotent); one stored key, if any,
+    to try the master key on."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with connected(settings.database_url):
-        pass
+        return await repository.sample_stored_key()
+
+
+def check_master_key(settings: Settings, sample: repository.StoredKeySample | None) -> Keyring:
+    """The master keyring, proven on one stored key: a wrong key refuses to start here
+    rather than answer every request with a 500."""
+    source = "GATEWAY_MASTER_KEY" if settings.master_key is not None else "master key file"
+    if sample is not None and settings.master_key is None and not settings.master_key_file.exists():
+        raise LaunchError(
+            f"GATEWAY_MASTER_KEY: the database holds encrypted keys, so the master key they "
+            f"were written with is needed, got neither GATEWAY_MASTER_KEY nor the key file "
+            f"{settings.master_key_file} (restore it from your backup)"
+        )
+    try:
+        keyring = resolve_keyring(settings).current()
+    except MasterKeyError as exc:
+        where = (
+            "GATEWAY_MASTER_KEY"
+            if settings.master_key is not None
+            else f"GATEWAY_MASTER_KEY (key file {settings.master_key_file})"
+        )
+        raise LaunchError(f"{where}: {exc}") from None
+    if sample is not None:
+        try:
+            keyring.decrypt(
+                sample.ciphertext, sample.nonce, key_id=sample.key_id, user_id=sample.user_id
+            )
+        except DecryptionError:
+            raise LaunchError(
+                f"GATEWAY_MASTER_KEY: must hold the key this database's Anthropic keys were "
+                f"encrypted with, got a {source} that does not decrypt the stored key of "
+                f"user {sample.user_name!r}"
+                + ("" if sample.key_id is None else f" (master key id {sample.key_id})")
+            ) from None
+    return keyring
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -146,6 +187,15 @@ def wait_for_shared_gates(settings: Settings) -> None:
             started.wait,
         )
         time.sleep(started.wait)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-gateway")
+    except PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
 
 
 class Launcher:
@@ -226,7 +276,24 @@ class Launcher:
             start_new_session=True,
         )
 
-    def run(self) -> int:
+    def run(self, *, ready: Callable[[], None] = lambda: None) -> int:
+        """Check everything (address, database, master key, shared gates), call ``ready``
+        (the command line prints its banner), then serve until stopped."""
+        settings = self.settings
+        # SIGHUP (a closed terminal, a habitual `kill -HUP` to reload) neither stops nor
+        # reloads: settings are read once at start; restart the gateway to change them.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        claim = AddressClaim(settings.host, settings.port)
+        try:
+            claim.claim()
+        except AddressTaken as exc:
+            raise LaunchError(str(exc)) from None
+        try:
+            return self._run(ready)
+        finally:
+            claim.release()
+
+    def _run(self, ready: Callable[[], None]) -> int:
         settings = self.settings
         before, after = raise_open_file_limit()
         if after < FEW_FILES:
@@ -240,8 +307,8 @@ class Launcher:
             log.info("open-file limit raised from %d to %d", before, after)
         if not settings.tls and not is_loopback(settings.host):
             log.warning(CLEARTEXT_WARNING.format(host=settings.host))
-        asyncio.run(prepare_database(settings))
-        keyring = resolve_keyring(settings).current()
+        sample = asyncio.run(prepare_database(settings))
+        keyring = check_master_key(settings, sample)
         log.info(
             "master keyring",
             extra={
@@ -253,12 +320,22 @@ class Launcher:
         )
         if settings.gates_url is not None:
             wait_for_shared_gates(settings)
+        info = GatewayInfo(
+            data_dir=str(settings.data_dir),
+            database_url=settings.database_url,
+            host=settings.host,
+            port=settings.port,
+            workers=self.options.workers,
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            version=_version(),
+        )
         with NamespaceClaim(
             settings.ipc_namespace,
             # With shared gates the caps live in Redis; the namespace keeps the lock and the
             # change counter (the command line finds a running gateway by them).
             global_cap=None if settings.shared_gates else settings.max_global_concurrent,
             tag=namespace_prefix(settings.database_url),
+            info=encode_info(info),
         ):
             if self.metrics_folder is not None:
                 self.metrics_folder.prepare()
@@ -278,8 +355,9 @@ class Launcher:
             server = None
             try:
                 server = self._serve_metrics(cap_sync)
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, self._on_signal)
+                ready()
                 return self._supervise()
             finally:
                 if server is not None:

@@ -159,7 +159,7 @@ class Proxy:
             except CredentialGone:
                 # Its user was deleted while this request was on its way.
                 raise AuthenticationFailed(
-                    "Invalid, unknown or revoked gateway token."
+                    "Invalid, unknown, expired or revoked gateway token."
                 ) from None
             except LedgerFull:
                 log.error("this worker's ledger is full; refusing a request")

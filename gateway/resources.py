@@ -13,6 +13,7 @@ from gateway.heap import HeapTrimmer
 from gateway.metrics.tally import WorkerMetrics
 from gateway.proxy import COORDINATION_MESSAGE, ProxyRuntime
 from gateway.settings import Settings
+from gateway.token_use import TokenUseRecorder
 from gateway.upstream import Upstream
 from gateway.usage.recorder import UsageRecorder
 from ipc.caps import apply_cap, read_state
@@ -108,9 +109,10 @@ class WorkerResources(ProxyRuntime):
                 else None
             )
         self.upstream = Upstream(settings)
-        self._trimmer = asyncio.get_running_loop().create_task(
-            HeapTrimmer(settings.heap_trim_interval).run()
-        )
+        loop = asyncio.get_running_loop()
+        self._trimmer = loop.create_task(HeapTrimmer(settings.heap_trim_interval).run())
+        self._token_use = TokenUseRecorder(self.credentials, interval=settings.token_use_interval)
+        self._token_use_task = loop.create_task(self._token_use.run())
         if settings.metrics_dir is not None:
             self.worker_metrics = WorkerMetrics()
             self.metrics = self.worker_metrics.tally
@@ -124,6 +126,10 @@ class WorkerResources(ProxyRuntime):
         self._trimmer.cancel()
         if self.usage_recorder is not None:
             await self.usage_recorder.stop()  # the database is still open: the last flush
+        self._token_use_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._token_use_task
+        await self._token_use.flush()
         if self.worker_metrics is not None:
             await self.worker_metrics.stop()
         await self.upstream.aclose()

@@ -18,6 +18,7 @@ log = logging.getLogger("gateway.settings")
 
 DEFAULT_UPSTREAM_URL: Final = "https://api.anthropic.com"
 MAX_REQUEST_BODY: Final = 32 * 1024 * 1024
+LOG_LEVELS: Final = ("INFO", "DEBUG", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(Exception):
@@ -75,6 +76,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_dir: Path | None = None
     # Seconds between a worker's writes of its usage totals; 0: usage is not counted.
     usage_flush_interval: float = 2.0
+    # How often each worker writes its tokens' last-used times (and the least time
+    # between two writes of one token's).
+    token_use_interval: float = 60.0
 
     @property
     def master_key_file(self) -> Path:
@@ -115,20 +119,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         )
         if not database_url.startswith(("sqlite:///", "postgres://", "postgresql://")):
             raise SettingsError(
-                "GATEWAY_DATABASE_URL must start with sqlite:/// or postgresql://, "
+                "GATEWAY_DATABASE_URL: must start with sqlite:/// or postgresql://, "
                 f"got {database_url.split(':', 1)[0]!r}"
             )
-        port = _int(overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0)
-        metrics_port = _int(
+        port = parse_int(
+            overrides.get("port") or env.get("GATEWAY_PORT"), "GATEWAY_PORT", 8080, lo=0, hi=65535
+        )
+        metrics_port = parse_int(
             overrides["metrics_port"]
             if overrides.get("metrics_port") is not None
             else env.get("GATEWAY_METRICS_PORT"),
             "GATEWAY_METRICS_PORT",
             9464,
             lo=0,
+            hi=65535,
         )
-        if metrics_port > 65535:
-            raise SettingsError(f"GATEWAY_METRICS_PORT must be at most 65535, got {metrics_port}")
         metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
         raw_key = env.get("GATEWAY_MASTER_KEY")
         key_file = env.get("GATEWAY_MASTER_KEY_FILE")
@@ -156,11 +161,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             master_key_path=Path(key_file).expanduser().absolute() if key_file else None,
             tls_cert=Path(str(tls_cert)).expanduser().absolute() if tls_cert else None,
             tls_key=Path(str(tls_key)).expanduser().absolute() if tls_key else None,
-            upstream_url=str(
-                overrides.get("upstream_url")
-                or env.get("GATEWAY_UPSTREAM_URL")
-                or DEFAULT_UPSTREAM_URL
-            ).rstrip("/"),
+            upstream_url=_upstream_url(
+                str(
+                    overrides.get("upstream_url")
+                    or env.get("GATEWAY_UPSTREAM_URL")
+                    or DEFAULT_UPSTREAM_URL
+                )
+            ),
             upstream_read_timeout=_float(
                 env.get("GATEWAY_UPSTREAM_READ_TIMEOUT"), "GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0
             ),
@@ -174,14 +181,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "GATEWAY_UPSTREAM_TRANSPORT",
                 ("h1", "aiohttp", "httpx"),
             ),
-            max_global_concurrent=parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT")),
+            max_global_concurrent=(
+                parse_int(overrides["global_cap"], "--global-cap", 1, lo=1)
+                if overrides.get("global_cap") is not None
+                else parse_global_cap(env.get("PROXY_MAX_GLOBAL_CONCURRENT"))
+            ),
             ipc_namespace=namespace,
-            host=str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1"),
+            host=_host(str(overrides.get("host") or env.get("GATEWAY_HOST") or "127.0.0.1")),
             port=port,
-            retry_after_seconds=_int(
+            retry_after_seconds=parse_int(
                 env.get("GATEWAY_RETRY_AFTER"), "GATEWAY_RETRY_AFTER", 1, lo=0
             ),
-            log_level=str(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+            log_level=_log_level(env.get("GATEWAY_LOG_LEVEL")),
             heap_trim_interval=_float(
                 env.get("GATEWAY_HEAP_TRIM_INTERVAL"), "GATEWAY_HEAP_TRIM_INTERVAL", 1.0, zero=True
             ),
@@ -202,7 +213,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 0.0,
                 zero=True,
             ),
-            queue_max_waiters=_int(
+            queue_max_waiters=parse_int(
                 env.get("GATEWAY_QUEUE_MAX_WAITERS"), "GATEWAY_QUEUE_MAX_WAITERS", 64, lo=1
             ),
             metrics_host=str(
@@ -216,7 +227,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 2.0,
                 zero=True,
             ),
+            token_use_interval=_float(
+                env.get("GATEWAY_TOKEN_USE_INTERVAL"), "GATEWAY_TOKEN_USE_INTERVAL", 60.0
+            ),
         )
+
+
+def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """GATEWAY_DATABASE_URL, or the SQLite file in GATEWAY_DATA_DIR, unchecked (for
+    Piccolo's own configuration module)."""
+    env = os.environ if environ is None else environ
+    data_dir = Path(env.get("GATEWAY_DATA_DIR") or "gateway-data").expanduser().absolute()
+    return env.get("GATEWAY_DATABASE_URL") or f"sqlite:///{data_dir / 'gateway.sqlite3'}"
+
+
+def database_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names the data folder or the database (else the default,
+    ./gateway-data, applies: the command line then looks for a running gateway's)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("GATEWAY_DATA_DIR") or env.get("GATEWAY_DATABASE_URL"))
+
+
+def namespace_configured(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get("GATEWAY_IPC_NAMESPACE") or None
 
 
 def parse_global_cap(raw: str | None) -> int | None:
@@ -246,16 +280,18 @@ def parse_gates_url(raw: str | None) -> Secret | None:
     scheme = raw.split(":", 1)[0].lower()
     if scheme not in ("redis", "rediss"):
         raise SettingsError(
-            f"GATEWAY_GATES_URL must be posix: or a redis:// or rediss:// URL, got {scheme!r}"
+            f"GATEWAY_GATES_URL: must be posix: or a redis:// or rediss:// URL, got {scheme!r}"
         )
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing the port is the check
         database = parts.path.strip("/")
     except ValueError as exc:
-        raise SettingsError(f"GATEWAY_GATES_URL is not a valid URL: {exc}") from None
+        raise SettingsError(f"GATEWAY_GATES_URL: must be a valid URL ({exc})") from None
     if not parts.hostname:
-        raise SettingsError("GATEWAY_GATES_URL must name a host: redis://HOST:PORT/DB")
+        raise SettingsError(
+            "GATEWAY_GATES_URL: must name a host (redis://HOST:PORT/DB), got no host"
+        )
     if database and not database.isdigit():
         raise SettingsError(
             f"GATEWAY_GATES_URL: the database must be a number (redis://host:port/0), "
@@ -277,7 +313,7 @@ def _gates_prefix(raw: str | None) -> str:
         return "gateway:"
     if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,64}", raw):
         raise SettingsError(
-            "GATEWAY_GATES_PREFIX must be 1..64 characters of letters, digits and "
+            "GATEWAY_GATES_PREFIX: must be 1..64 characters of letters, digits and "
             f"_ . : - {{ }}, got {raw!r}"
         )
     return raw
@@ -286,7 +322,7 @@ def _gates_prefix(raw: str | None) -> str:
 def _lease_seconds(raw: str | None) -> float:
     value = _float(raw, "GATEWAY_LEASE_SECONDS", 15.0)
     if value < 0.5:
-        raise SettingsError(f"GATEWAY_LEASE_SECONDS must be at least 0.5, got {raw!r}")
+        raise SettingsError(f"GATEWAY_LEASE_SECONDS: must be at least 0.5, got {raw!r}")
     return value
 
 
@@ -309,15 +345,17 @@ def default_namespace(database_url: str, port: int) -> str:
     return f"{namespace_prefix(database_url)}p{port}"
 
 
-def _int(raw: object, name: str, default: int, *, lo: int) -> int:
+def parse_int(raw: object, name: str, default: int, *, lo: int, hi: int | None = None) -> int:
     if raw is None or raw == "":
         return default
     try:
         value = int(str(raw).strip())
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name}: must be an integer, got {raw!r}") from None
     if value < lo:
-        raise SettingsError(f"{name} must be at least {lo}, got {value}")
+        raise SettingsError(f"{name}: must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise SettingsError(f"{name}: must be at most {hi}, got {value}")
     return value
 
 
@@ -327,10 +365,10 @@ def _float(raw: str | None, name: str, default: float, *, zero: bool = False) ->
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise SettingsError(f"{name}: must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         allowed = "zero or positive" if zero else "positive"
-        raise SettingsError(f"{name} must be {allowed}, got {raw!r}")
+        raise SettingsError(f"{name}: must be {allowed}, got {raw!r}")
     return value
 
 
@@ -338,8 +376,45 @@ def _choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str:
     if not raw:
         return choices[0]
     if raw not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        raise SettingsError(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
+def _log_level(raw: str | None) -> str:
+    level = (raw or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(
+            f"GATEWAY_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {raw!r}"
+        )
+    return level
+
+
+def _upstream_url(raw: str) -> str:
+    """An http(s) URL with a host and nothing after the path: requests are appended to it."""
+    url = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+    ):
+        raise SettingsError(
+            f"GATEWAY_UPSTREAM_URL: must be an http:// or https:// URL with a host, got {raw!r}"
+        )
+    return url
+
+
+def _host(raw: str) -> str:
+    host = raw.strip()
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise SettingsError(f"GATEWAY_HOST: must be an IP address or host name, got {raw!r}")
+    return host
 
 
 class GranianOptions(msgspec.Struct, frozen=True, kw_only=True):

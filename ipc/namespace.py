@@ -37,12 +37,16 @@ log = logging.getLogger("ipc.namespace")
 class NamespaceClaim:
     """Held by ``gateway serve`` for its whole life; workers only open what it created."""
 
-    def __init__(self, namespace: str, *, global_cap: int | None, tag: str = "") -> None:
+    def __init__(
+        self, namespace: str, *, global_cap: int | None, tag: str = "", info: str = ""
+    ) -> None:
         self.namespace = validate_namespace(namespace)
         self.global_cap = global_cap
         # Written into the lock file, so tools can find this namespace by what it serves
-        # (the gateway tags it with its database) even when its name was set by hand.
+        # (the gateway tags it with its database) even when its name was set by hand;
+        # ``info`` (one line, opaque here) tells them more: where its data lives.
         self.tag = tag
+        self.info = info.replace("\n", " ")
         self._lock_fd: int | None = None
 
     def __enter__(self) -> NamespaceClaim:
@@ -66,7 +70,7 @@ class NamespaceClaim:
                 + "; stop it first, or set GATEWAY_IPC_NAMESPACE to run a second gateway"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n{self.tag}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{self.tag}\n{self.info}\n".encode())
         self._lock_fd = fd
         stale = purge(self.namespace)
         if stale:
@@ -163,6 +167,38 @@ def _candidates(prefix: str, explicit: str | None) -> set[str]:
     if explicit:
         names.add(explicit)
     return names
+
+
+class RunningLauncher(msgspec.Struct, frozen=True):
+    """A namespace whose launcher is alive, with the info line it wrote at its claim."""
+
+    namespace: str
+    pid: int
+    tag: str
+    info: str
+
+
+def running_launchers() -> list[RunningLauncher]:
+    """Every namespace on this host whose launcher holds its lock now."""
+    found = []
+    for entry in list_lock_files():
+        namespace = entry.name.removesuffix(".lock")
+        pid = launcher_pid(namespace)
+        if pid is None:
+            continue
+        try:
+            lines = entry.read_text().splitlines()
+        except OSError:
+            continue
+        found.append(
+            RunningLauncher(
+                namespace=namespace,
+                pid=pid,
+                tag=lines[1] if len(lines) > 1 else "",
+                info=lines[2] if len(lines) > 2 else "",
+            )
+        )
+    return found
 
 
 def tagged_namespaces(tag: str) -> list[str]:

@@ -42,12 +42,13 @@ class _PostgresEngine(PostgresEngine):
         return None
 
 
-def create_engine(url: str) -> AnyEngine:
+def create_engine(url: str, *, mkdir: bool = True) -> AnyEngine:
     """The engine for a ``sqlite:///path`` or ``postgres(ql)://`` URL; no I/O but mkdir."""
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
-        with translate_errors():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if mkdir:
+            with translate_errors():
+                path.parent.mkdir(parents=True, exist_ok=True)
         # timeout is sqlite3's busy timeout: wait this long for another worker's write lock.
         return SQLiteEngine(path=str(path), timeout=SQLITE_BUSY_TIMEOUT)
     if url.startswith(("postgres://", "postgresql://")):

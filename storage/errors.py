@@ -3,7 +3,8 @@
     StorageError
     ├── StorageUnavailable        the database cannot be reached or opened, or is locked
     ├── IntegrityViolation        a constraint (unique, foreign key, check) refused a write
-    │   └── AlreadyExists         a user with that name exists already
+    │   ├── AlreadyExists         a user with that name exists already
+    │   └── InvalidValue          a name or label breaks its rule (storage.names)
     └── CryptoError
         ├── MasterKeyError        the master key is missing or malformed
         └── DecryptionError       a stored key does not decrypt under this master key
@@ -33,6 +34,10 @@ class IntegrityViolation(StorageError):
 
 class AlreadyExists(IntegrityViolation):
     """A row with that unique value exists already."""
+
+
+class InvalidValue(IntegrityViolation):
+    """A value breaks the rule the database enforces for it; the message names both."""
 
 
 class CryptoError(StorageError):

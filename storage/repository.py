@@ -13,7 +13,8 @@ from piccolo.engine.base import BaseTransaction
 from piccolo.engine.sqlite import SQLiteEngine, TransactionType
 from piccolo.query.methods.select import Select
 
-from storage.errors import AlreadyExists, IntegrityViolation, translate_errors
+from storage.errors import AlreadyExists, IntegrityViolation, InvalidValue, translate_errors
+from storage.names import label_problem, name_problem
 from storage.tables import DEFAULT_MAX_CONCURRENT, GatewayToken, User, UserAnthropicKey
 from storage.tokens import hash_token, new_token
 
@@ -33,6 +34,11 @@ class TokenRecord(msgspec.Struct, frozen=True):
     label: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class Credential(msgspec.Struct, frozen=True):
@@ -47,6 +53,18 @@ class Credential(msgspec.Struct, frozen=True):
 class TokenLookup(msgspec.Struct, frozen=True):
     user_id: uuid.UUID
     credential: Credential | None
+    # Seconds since the epoch after which the token is refused like a revoked one.
+    expires_at: float | None = None
+
+
+class StoredKeySample(msgspec.Struct, frozen=True):
+    """One stored key, for the launcher to prove the master key on."""
+
+    user_id: uuid.UUID
+    user_name: str
+    ciphertext: bytes
+    nonce: bytes
+    key_id: str | None  # None: stored before key ids
 
 
 class CapState(msgspec.Struct, frozen=True):
@@ -90,15 +108,20 @@ class Reencrypted(msgspec.Struct, frozen=True):
 
 class KeyStatus(msgspec.Struct, frozen=True):
     configured: bool
-    configured_at: datetime | None
+    configured_at: datetime | None  # the key itself last stored
     max_concurrent: int | None
+    updated_at: datetime | None = None  # the key or its cap last changed
 
 
 # ---------------------------------------------------------------------------- users
 
 
 async def create_user(name: str) -> UserRecord:
-    """A new user; ``AlreadyExists`` when the name is taken."""
+    """A new user; ``AlreadyExists`` when the name is taken, ``InvalidValue`` when it
+    breaks the name rule (checked here and, as a backstop, by the database)."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidValue(problem)
     user = User(name=name, created_at=_now())
     try:
         with translate_errors(duplicate=AlreadyExists):
@@ -106,6 +129,12 @@ async def create_user(name: str) -> UserRecord:
     except AlreadyExists as exc:
         raise AlreadyExists(f"a user named {name!r} exists already") from exc
     return _user(rows[0])
+
+
+async def user_name(user_id: uuid.UUID) -> str | None:
+    with translate_errors():
+        row = await User.select(User.name).where(User.id == user_id).first().run()
+    return None if row is None else str(row["name"])
 
 
 async def get_user(name: str) -> UserRecord | None:
@@ -130,10 +159,21 @@ async def delete_user(name: str) -> bool:
 # --------------------------------------------------------------------------- tokens
 
 
-async def issue_token(user_id: uuid.UUID, *, label: str = "") -> tuple[TokenRecord, str]:
+async def issue_token(
+    user_id: uuid.UUID, *, label: str = "", expires_at: datetime | None = None
+) -> tuple[TokenRecord, str]:
     """A new token for the user: its record and, this once, its plaintext."""
+    problem = label_problem(label)
+    if problem is not None:
+        raise InvalidValue(problem)
     token = new_token()
-    row = GatewayToken(user=user_id, token_hash=hash_token(token), label=label, created_at=_now())
+    row = GatewayToken(
+        user=user_id,
+        token_hash=hash_token(token),
+        label=label,
+        created_at=_now(),
+        expires_at=expires_at,
+    )
     with translate_errors():
         async with _write_transaction():
             inserted = await GatewayToken.insert(row).returning(GatewayToken.id).run()
@@ -153,6 +193,30 @@ async def revoke_token(token_id: int) -> bool:
     return bool(rows)
 
 
+async def get_token(token_id: int) -> TokenRecord | None:
+    with translate_errors():
+        rows = await _select_tokens().where(GatewayToken.id == token_id).run()
+    return _token(rows[0]) if rows else None
+
+
+async def record_token_use(token_hashes: list[str], *, at: datetime, every: timedelta) -> int:
+    """Mark these tokens used ``at``, each at most once per ``every`` (a token another
+    worker marked within it is left alone); the number of rows written."""
+    if not token_hashes:
+        return 0
+    with translate_errors():
+        rows = (
+            await GatewayToken.update({GatewayToken.last_used_at: at})
+            .where(
+                GatewayToken.token_hash.is_in(token_hashes)
+                & (GatewayToken.last_used_at.is_null() | (GatewayToken.last_used_at < at - every))
+            )
+            .returning(GatewayToken.id)
+            .run()
+        )
+    return len(rows)
+
+
 async def list_tokens(user_id: uuid.UUID | None = None) -> list[TokenRecord]:
     query = _select_tokens().order_by(GatewayToken.id)
     if user_id is not None:
@@ -165,8 +229,8 @@ async def list_tokens(user_id: uuid.UUID | None = None) -> list[TokenRecord]:
 # The proxy's hot path on a cache miss: one round trip from token hash to the user and
 # their credential, so it is written out rather than built.
 _LOOKUP_TOKEN_SQL: Final = """
-    SELECT t."user" AS user_id, k.ciphertext AS ciphertext, k.nonce AS nonce,
-           k.key_id AS key_id, k.max_concurrent AS max_concurrent,
+    SELECT t."user" AS user_id, t.expires_at AS expires_at, k.ciphertext AS ciphertext,
+           k.nonce AS nonce, k.key_id AS key_id, k.max_concurrent AS max_concurrent,
            k.cap_version AS cap_version
     FROM gateway_tokens AS t
     LEFT JOIN user_anthropic_keys AS k ON k."user" = t."user"
@@ -175,15 +239,19 @@ _LOOKUP_TOKEN_SQL: Final = """
 
 
 async def lookup_token(token_hash: str) -> TokenLookup | None:
-    """The user of a valid (unrevoked) token and their credential, in one query."""
+    """The user of a valid (unrevoked, unexpired) token and their credential, in one
+    query; ``expires_at`` tells a cache when to stop trusting it."""
     with translate_errors():
         rows = await GatewayToken.raw(_LOOKUP_TOKEN_SQL, token_hash).run()
     if not rows:
         return None
     row = rows[0]
+    expires_at = None if row["expires_at"] is None else _utc(row["expires_at"]).timestamp()
+    if expires_at is not None and expires_at <= time.time():
+        return None
     user_id = _uuid(row["user_id"])
     credential = None if row["cap_version"] is None else _credential(user_id, row)
-    return TokenLookup(user_id=user_id, credential=credential)
+    return TokenLookup(user_id=user_id, credential=credential, expires_at=expires_at)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -219,6 +287,7 @@ async def upsert_key(
                     cap_version=current.cap_version,
                     created_at=now,
                     updated_at=now,
+                    key_stored_at=now,
                 )
                 await UserAnthropicKey.insert(row).run()
                 return KeyChange(user_id=user_id, previous=None, current=current)
@@ -229,14 +298,16 @@ async def upsert_key(
                     previous.max_concurrent if max_concurrent is None else max_concurrent
                 ),
             )
+            stored_at = _advance(updated_at, now)
             await _update_key(
                 user_id,
                 current,
-                _advance(updated_at, now),
+                stored_at,
                 {
                     UserAnthropicKey.ciphertext: ciphertext,
                     UserAnthropicKey.nonce: nonce,
                     UserAnthropicKey.key_id: key_id,
+                    UserAnthropicKey.key_stored_at: stored_at,
                 },
             )
     return KeyChange(user_id=user_id, previous=previous, current=current)
@@ -275,7 +346,9 @@ async def key_status(user_id: uuid.UUID) -> KeyStatus:
     with translate_errors():
         row = (
             await UserAnthropicKey.select(
-                UserAnthropicKey.updated_at, UserAnthropicKey.max_concurrent
+                UserAnthropicKey.updated_at,
+                UserAnthropicKey.key_stored_at,
+                UserAnthropicKey.max_concurrent,
             )
             .where(UserAnthropicKey.user == user_id)
             .first()
@@ -283,10 +356,39 @@ async def key_status(user_id: uuid.UUID) -> KeyStatus:
         )
     if row is None:
         return KeyStatus(configured=False, configured_at=None, max_concurrent=None)
+    updated_at = _utc(row["updated_at"])
+    stored_at = row["key_stored_at"]
     return KeyStatus(
         configured=True,
-        configured_at=_utc(row["updated_at"]),
+        configured_at=updated_at if stored_at is None else _utc(stored_at),
         max_concurrent=row["max_concurrent"],
+        updated_at=updated_at,
+    )
+
+
+async def sample_stored_key() -> StoredKeySample | None:
+    """Any one stored key (the most recently changed), or None when none is stored."""
+    with translate_errors():
+        row = (
+            await UserAnthropicKey.select(
+                UserAnthropicKey.user.as_alias("user_id"),
+                UserAnthropicKey.user.name.as_alias("user_name"),
+                UserAnthropicKey.ciphertext,
+                UserAnthropicKey.nonce,
+                UserAnthropicKey.key_id,
+            )
+            .order_by(UserAnthropicKey.updated_at, ascending=False)
+            .first()
+            .run()
+        )
+    if row is None:
+        return None
+    return StoredKeySample(
+        user_id=_uuid(row["user_id"]),
+        user_name=row["user_name"],
+        ciphertext=bytes(row["ciphertext"]),
+        nonce=bytes(row["nonce"]),
+        key_id=row["key_id"],
     )
 
 
@@ -489,6 +591,8 @@ def _select_tokens() -> Select[GatewayToken]:
         GatewayToken.label,
         GatewayToken.created_at,
         GatewayToken.revoked_at,
+        GatewayToken.expires_at,
+        GatewayToken.last_used_at,
     )
 
 
@@ -515,7 +619,11 @@ def _user(row: dict[str, Any]) -> UserRecord:
 
 
 def _token(row: dict[str, Any]) -> TokenRecord:
-    revoked_at = row["revoked_at"]
+    revoked_at, expires_at, last_used_at = (
+        row["revoked_at"],
+        row["expires_at"],
+        row["last_used_at"],
+    )
     return TokenRecord(
         id=row["id"],
         user_id=_uuid(row["user_id"]),
@@ -523,6 +631,8 @@ def _token(row: dict[str, Any]) -> TokenRecord:
         label=row["label"],
         created_at=_utc(row["created_at"]),
         revoked_at=None if revoked_at is None else _utc(revoked_at),
+        expires_at=None if expires_at is None else _utc(expires_at),
+        last_used_at=None if last_used_at is None else _utc(last_used_at),
     )
 
 

@@ -26,7 +26,13 @@ class User(Table, tablename="users"):
         primary_key=True,
         help_text="Random (uuid4), never reused: semaphore names and key encryption use it.",
     )
-    name = Varchar(length=100, unique=True, null=False, help_text="Unique login-style name.")
+    name = Varchar(
+        length=100,
+        unique=True,
+        null=False,
+        help_text="Unique login-style name: 1..64 of letters, digits, . _ - @ (storage.names; "
+        "checked by the database).",
+    )
     created_at = Timestamptz(help_text="When the user was created (UTC).")
 
 
@@ -45,10 +51,22 @@ class GatewayToken(Table, tablename="gateway_tokens"):
         null=False,
         help_text="Hex SHA-256 of the token; the token itself is never stored.",
     )
-    label = Varchar(length=200, default="", help_text="Free text to tell tokens apart.")
+    label = Varchar(
+        length=200,
+        default="",
+        help_text="Text to tell tokens apart: at most 100 characters, no control characters.",
+    )
     created_at = Timestamptz(help_text="When the token was issued (UTC).")
     revoked_at = Timestamptz(
         null=True, default=None, help_text="When the token was revoked; NULL while valid."
+    )
+    expires_at = Timestamptz(
+        null=True, default=None, help_text="When the token stops working; NULL: never."
+    )
+    last_used_at = Timestamptz(
+        null=True,
+        default=None,
+        help_text="Last use, recorded at most about once a minute per token (NULL: never).",
     )
 
 
@@ -81,6 +99,12 @@ class UserAnthropicKey(Table, tablename="user_anthropic_keys"):
     )
     created_at = Timestamptz(help_text="When the key was first stored (UTC).")
     updated_at = Timestamptz(help_text="When the key or its cap last changed (UTC).")
+    key_stored_at = Timestamptz(
+        null=True,
+        default=None,
+        help_text="When the key itself was last stored or rotated (UTC); a cap change "
+        "leaves it.",
+    )
 
 
 class UsageHourly(Table, tablename="usage_hourly"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -213,7 +214,9 @@ async def test_churn_with_worker_kills_ends_with_every_cap_exact(
     # Every 6.5 s: Granian takes a worker that dies within ~5.5 s of its respawn for a
     # crash loop and stops the server (the launcher then restarts it; not this test's aim).
     seen = await churn(gateway, tokens, seconds=40, kill_every=6.5, seed=2)
-    token_id = gateway.cli("tokens", "list", "revoked").stdout.split()[0]
+    token_id = str(
+        json.loads(gateway.cli("tokens", "list", "revoked", "--json").stdout.splitlines()[0])["id"]
+    )
     gateway.cli("tokens", "revoke", token_id)
     assert seen.get("200", 0) > 100, seen
     assert seen.get("PUT 204", 0) > 20, seen

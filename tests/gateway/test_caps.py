@@ -107,9 +107,9 @@ async def one_request(gateway: GatewayProcess, token: str, query: str = "") -> h
 
 
 def user_id_of(gateway: GatewayProcess, token: str) -> str:
-    listing = gateway.cli("users", "list").stdout.splitlines()
+    listing = gateway.cli("users", "list", "--json").stdout.splitlines()
     # the newest user is the last line
-    return listing[-1].split()[0]
+    return str(json.loads(listing[-1])["id"])
 
 
 async def burst(

@@ -80,16 +80,22 @@ def issue_token(env: dict[str, str], name: str, label: str) -> tuple[int, str]:
 
 
 def token_rows(env: dict[str, str], *args: str) -> dict[int, list[str]]:
-    """`gateway tokens list`: id -> the remaining columns of its line."""
+    """`gateway tokens list --json`: id -> [user, *label words, state (, revoked at)]."""
     rows = {}
-    for line in run_cli(env, "tokens", "list", *args).stdout.splitlines():
-        token_id, *rest = line.split()
-        rows[int(token_id)] = rest
+    for line in run_cli(env, "tokens", "list", *args, "--json").stdout.splitlines():
+        row = json.loads(line)
+        rows[int(row["id"])] = [
+            row["user"],
+            *(row["label"].split() or ["-"]),
+            row["state"],
+            *([row["revoked_at"]] if row["revoked_at"] else []),
+        ]
     return rows
 
 
 def user_names(env: dict[str, str]) -> list[str]:
-    return [line.split()[1] for line in run_cli(env, "users", "list").stdout.splitlines()]
+    out = run_cli(env, "users", "list", "--json").stdout
+    return [json.loads(line)["name"] for line in out.splitlines()]
 
 
 def assert_fails(result: Any, *fragments: str) -> None:
@@ -179,6 +185,8 @@ def test_every_documented_command_exists() -> None:
         ("tokens", "issue"),
         ("tokens", "list"),
         ("tokens", "revoke"),
+        ("users", "set-cap"),
+        ("status",),
     }
     assert expected <= set(COMMAND_PATHS)
 
@@ -267,9 +275,11 @@ def test_users_create_list_and_delete(db_env: dict[str, str]) -> None:
     alice_id, token = create_user(db_env, alice)
     assert re.fullmatch(r"gwt_[A-Za-z0-9_-]{43}", token), token
     create_user(db_env, bob)
+    assert user_names(db_env) == sorted([alice, bob])
     listed = run_cli(db_env, "users", "list").stdout.splitlines()
-    assert [line.split()[1] for line in listed] == sorted([alice, bob])
-    assert any(line.startswith(f"{alice_id}  {alice}  created ") for line in listed), listed
+    assert listed[0].split() == ["name", "key", "cap", "tokens", "created", "id"]
+    (line,) = [line for line in listed if line.startswith(alice)]
+    assert line.split()[:4] == [alice, "no", "-", "1"] and line.endswith(alice_id)
 
     result = run_cli(db_env, "users", "delete", alice)
     assert result.stdout.strip() == f"deleted user {alice}"
@@ -285,6 +295,28 @@ def test_a_duplicate_user_name_is_refused_clearly(db_env: dict[str, str]) -> Non
     assert "gwt_" not in result.stdout  # no token was issued
     assert user_names(db_env) == [name]
     assert len(token_rows(db_env)) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a b", "tab\there", "new\nline", "x" * 65, "x" * 300, "\u00e9t\u00e9"]
+)
+def test_a_name_breaking_the_rule_is_refused_on_both_engines(
+    db_env: dict[str, str], name: str
+) -> None:
+    result = run_cli(db_env, "users", "create", name, check=False)
+    assert result.returncode == 1
+    assert_fails(result, "Error: name: must be 1..64 characters of letters, digits and . _ - @")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert user_names(db_env) == []
+
+
+def test_a_label_breaking_the_rule_is_refused(db_env: dict[str, str]) -> None:
+    name = unique("lab")
+    create_user(db_env, name)
+    for label in ("a\tb", "two\nlines", "y" * 101):
+        result = run_cli(db_env, "tokens", "issue", name, "--label", label, check=False)
+        assert_fails(result, "Error: label: must be at most 100 characters")
+    assert len(token_rows(db_env, name)) == 1
 
 
 def test_deleting_an_unknown_user_fails(db_env: dict[str, str]) -> None:
@@ -481,7 +513,7 @@ def test_revoke_reaches_a_gateway_whose_namespace_was_set_by_hand(
     token = gateway.create_user("nina")
     store_key(gateway, token)
     until_every_worker_answered(gateway, token, 200)  # both workers cache the credential
-    token_id = gateway.cli("tokens", "list", "nina").stdout.split()[0]
+    token_id = str(min(token_rows(gateway.env, "nina")))
     env = {k: v for k, v in gateway.env.items() if k != "GATEWAY_IPC_NAMESPACE"}
     run_cli(env, "tokens", "revoke", token_id)
     until_every_worker_answered(gateway, token, 401)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from typing import Any
@@ -292,8 +293,8 @@ def test_missing_unknown_and_revoked_tokens_are_401(shared_gateway: GatewayProce
     assert "Invalid" in auth_error({"x-api-key": "gwt_unknown"})
     token, _ = fresh_user(shared_gateway)
     assert post(shared_gateway, token).status_code == 200
-    tokens = shared_gateway.cli("tokens", "list").stdout.splitlines()
-    token_id = tokens[-1].split()[0]
+    tokens = shared_gateway.cli("tokens", "list", "--json").stdout.splitlines()
+    token_id = str(json.loads(tokens[-1])["id"])
     shared_gateway.cli("tokens", "revoke", token_id)
     for _ in range(4):  # every worker refuses it on its next request
         assert "revoked" in auth_error({"x-api-key": token})

@@ -210,7 +210,7 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
         Settings.from_env({"GATEWAY_PORT": "http"})
     with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT"):
         Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "-3"})
-    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT must be positive"):
+    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_READ_TIMEOUT: must be positive"):
         Settings.from_env({"GATEWAY_UPSTREAM_READ_TIMEOUT": "0"})
     assert settings.heap_trim_interval == 1.0
     assert Settings.from_env({"GATEWAY_HEAP_TRIM_INTERVAL": "0"}).heap_trim_interval == 0
@@ -220,7 +220,7 @@ def test_settings_from_env_defaults_and_errors(tmp_path: object) -> None:
     assert settings.upstream_transport == "h1"
     for kind in ("h1", "aiohttp", "httpx"):
         assert Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": kind}).upstream_transport == kind
-    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_TRANSPORT must be one of h1"):
+    with pytest.raises(SettingsError, match="GATEWAY_UPSTREAM_TRANSPORT: must be one of h1"):
         Settings.from_env({"GATEWAY_UPSTREAM_TRANSPORT": "curl"})
     assert settings.request_body_timeout == 30.0
     assert Settings.from_env({"GATEWAY_REQUEST_BODY_TIMEOUT": "2.5"}).request_body_timeout == 2.5
@@ -304,7 +304,7 @@ def test_gates_settings() -> None:
     for bad, rule in (
         ("memcached://x", "must be posix: or a redis://"),
         ("redis://", "must name a host"),
-        ("redis://h:99999/0", "not a valid URL"),
+        ("redis://h:99999/0", "must be a valid URL"),
         ("redis://h/zero", "database must be a number"),
     ):
         with pytest.raises(SettingsError, match=f"GATEWAY_GATES_URL.*{rule}"):
@@ -314,3 +314,40 @@ def test_gates_settings() -> None:
     for bad in ("0", "0.1", "-2", "soon"):
         with pytest.raises(SettingsError, match="GATEWAY_LEASE_SECONDS"):
             Settings.from_env({"GATEWAY_LEASE_SECONDS": bad})
+
+
+def test_every_setting_error_names_the_variable_the_rule_and_the_value() -> None:
+    cases = {
+        "GATEWAY_LOG_LEVEL": ("verbose", "must be one of INFO, DEBUG", "'verbose'"),
+        "GATEWAY_UPSTREAM_URL": ("not-a-url", "must be an http:// or https:// URL", "'not-a-url'"),
+        "GATEWAY_HOST": ("", None, None),  # empty: the default applies
+        "GATEWAY_PORT": ("x", "must be an integer", "'x'"),
+        "GATEWAY_RETRY_AFTER": ("-1", "must be at least 0", "-1"),
+        "GATEWAY_TOKEN_USE_INTERVAL": ("never", "must be a number of seconds", "'never'"),
+    }
+    for variable, (value, rule, shown) in cases.items():
+        if rule is None:
+            Settings.from_env({variable: value})
+            continue
+        with pytest.raises(SettingsError) as caught:
+            Settings.from_env({variable: value})
+        assert str(caught.value).startswith(f"{variable}: {rule}"), caught.value
+        assert f"got {shown}" in str(caught.value)
+    assert Settings.from_env({"GATEWAY_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert Settings.from_env({"GATEWAY_UPSTREAM_URL": "http://h:1/base/"}).upstream_url == (
+        "http://h:1/base"
+    )
+    assert Settings.from_env({}, global_cap=5).max_global_concurrent == 5
+
+
+def test_the_name_and_label_rules() -> None:
+    from storage.names import label_problem, name_problem
+
+    for good in ("a", "alice", "x" * 64, "ops.bot-1_@corp"):
+        assert name_problem(good) is None
+    for bad in ("", " ", "a b", "a\tb", "a\nb", "x" * 65, "é", "a/b"):
+        problem = name_problem(bad)
+        assert problem is not None and problem.startswith("name: must be 1..64 characters")
+    assert label_problem("") is None and label_problem("CI runner #3") is None
+    for bad in ("a\tb", "a\nb", "y" * 101):
+        assert label_problem(bad) is not None

@@ -39,6 +39,7 @@ PATH = "/api/v1/me/anthropic-key"
 NOT_CONFIGURED = {
     "configured": False,
     "configured_at": None,
+    "updated_at": None,
     "max_concurrent": None,
     "in_use": None,
 }
@@ -116,7 +117,7 @@ def status_of(gateway: GatewayProcess, token: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     body: dict[str, Any] = response.json()
-    assert set(body) == {"configured", "configured_at", "max_concurrent", "in_use"}
+    assert set(body) == {"configured", "configured_at", "updated_at", "max_concurrent", "in_use"}
     if body["configured"]:
         # Above the cap only after a lowered one, while the requests admitted before drain.
         assert type(body["in_use"]) is int and body["in_use"] >= 0
@@ -207,7 +208,10 @@ def test_lifecycle_not_configured_put_cap_delete(
     capped = status_of(api_gateway, token)
     assert capped["configured"] is True
     assert capped["max_concurrent"] == 3
-    assert parse_rfc3339(capped["configured_at"]) > configured_at
+    # The key was not stored again: configured_at stays, updated_at moves.
+    assert parse_rfc3339(capped["configured_at"]) == configured_at
+    assert parse_rfc3339(capped["updated_at"]) > parse_rfc3339(stored["updated_at"])
+    assert parse_rfc3339(stored["updated_at"]) == configured_at
     assert_upstream_sees(api_gateway, fake_upstream, token, key)  # the key is unchanged
 
     assert delete(api_gateway, token).status_code == 204
@@ -295,6 +299,29 @@ def test_the_cap_bounds_are_accepted(api_gateway: GatewayProcess, caps: tuple[in
     assert status_of(api_gateway, token)["max_concurrent"] == other
 
 
+def test_an_integral_number_is_an_integer_as_json_schema_says(
+    api_gateway: GatewayProcess,
+) -> None:
+    token = new_user(api_gateway)
+    assert (
+        put_raw(
+            api_gateway,
+            token,
+            b'{"key": "sk-ant-test-f", "max_concurrent": 8.0}',
+            "application/json",
+        ).status_code
+        == 204
+    )
+    assert status_of(api_gateway, token)["max_concurrent"] == 8
+
+
+def test_options_lists_every_method_of_the_resource(api_gateway: GatewayProcess) -> None:
+    response = httpx.options(f"{api_gateway.url}{PATH}", timeout=10)
+    assert response.status_code == 204
+    allowed = set(response.headers["allow"].replace(" ", "").split(","))
+    assert allowed == {"GET", "PUT", "DELETE", "OPTIONS"}
+
+
 def test_the_key_is_trimmed_before_it_is_stored(
     api_gateway: GatewayProcess, fake_upstream: FakeUpstream
 ) -> None:
@@ -342,7 +369,7 @@ INVALID_BODIES = [
         {"max_concurrent": 10**30}, "max_concurrent:", "between 1 and 256", id="cap-huge"
     ),
     pytest.param({"max_concurrent": "8"}, "max_concurrent:", "integer", id="cap-string"),
-    pytest.param({"max_concurrent": 8.0}, "max_concurrent:", "integer", id="cap-float"),
+    pytest.param({"max_concurrent": 300.0}, "max_concurrent:", "integer", id="cap-float-over"),
     pytest.param({"max_concurrent": 8.5}, "max_concurrent:", "integer", id="cap-fraction"),
     pytest.param({"max_concurrent": True}, "max_concurrent:", "integer", id="cap-true"),
     pytest.param({"max_concurrent": [8]}, "max_concurrent:", "integer", id="cap-list"),
@@ -362,10 +389,6 @@ INVALID_BODIES = [
     pytest.param({"key": "sk-ant-a b"}, "key:", "only visible ASCII", id="key-space"),
     pytest.param({"key": "sk-ant-a\tb"}, "key:", "only visible ASCII", id="key-tab"),
     pytest.param({"key": "sk-ant-a\u007fb"}, "key:", "only visible ASCII", id="key-del"),
-    pytest.param({"max_concurrent": 4}, "max_concurrent:", "no Anthropic key configured yet",
-                 id="cap-without-key"),
-    pytest.param({"key": None, "max_concurrent": 4}, "max_concurrent:",
-                 "no Anthropic key configured yet", id="null-key-cap-without-key"),
     pytest.param({"key": "sk-ant-x", "extra": 1}, "extra:", "unknown field", id="unknown-field"),
     pytest.param({"Key": "sk-ant-x"}, "Key:", "unknown field", id="unknown-field-case"),
     pytest.param([], "body:", "JSON object", id="array"),
@@ -385,6 +408,16 @@ def test_invalid_bodies_are_400_naming_field_and_rule(
     message = error_of(put_json(api_gateway, token, body), 400, "invalid_request_error")
     assert message.startswith(field), message
     assert rule in message, message
+    assert status_of(api_gateway, token) == NOT_CONFIGURED
+
+
+@pytest.mark.parametrize("body", [{"max_concurrent": 4}, {"key": None, "max_concurrent": 4}])
+def test_a_cap_without_a_stored_key_is_409(api_gateway: GatewayProcess, body: object) -> None:
+    # Valid input the current state cannot take: a conflict, not a bad request (the
+    # schema says the body is valid; schemathesis holds the API to it).
+    token = new_user(api_gateway)
+    message = error_of(put_json(api_gateway, token, body), 409, "invalid_request_error")
+    assert message == "max_concurrent: no Anthropic key configured yet; send key as well"
     assert status_of(api_gateway, token) == NOT_CONFIGURED
 
 
@@ -512,6 +545,7 @@ def test_a_body_over_64_kib_is_413(api_gateway: GatewayProcess, chunked: bool) -
     body_json = response.json()
     assert body_json["type"] == "error"
     assert body_json["error"]["type"] == "request_too_large"
+    assert body_json["error"]["message"] == "body: must be at most 64 KiB (65536 bytes)"
     assert status_of(api_gateway, token) == NOT_CONFIGURED
 
 
@@ -519,6 +553,29 @@ def test_an_unsupported_method_is_405_with_an_error_envelope(api_gateway: Gatewa
     token = new_user(api_gateway)
     response = httpx.post(f"{api_gateway.url}{PATH}", json={}, headers=bearer(token), timeout=10)
     error_of(response, 405, "invalid_request_error")
+    assert set(response.headers["allow"].replace(" ", "").split(",")) >= {"GET", "PUT", "DELETE"}
+    health = httpx.post(f"{api_gateway.url}/healthz", timeout=10)
+    error_of(health, 405, "invalid_request_error")
+    assert "GET" in health.headers["allow"] and "HEAD" in health.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"key": "sk-ant-test-a", "key": "sk-ant-test-b"}', "key"),
+        (b'{"max_concurrent": 3, "max_concurrent": 4}', "max_concurrent"),
+        (b'{"max_concurrent": 3, "key": "sk-ant-test-a", "max_concurrent": 3}', "max_concurrent"),
+    ],
+)
+def test_a_duplicate_key_in_the_body_is_400(
+    api_gateway: GatewayProcess, body: bytes, field: str
+) -> None:
+    token = new_user(api_gateway)
+    message = error_of(
+        put_raw(api_gateway, token, body, "application/json"), 400, "invalid_request_error"
+    )
+    assert message == f"{field}: must appear once, got a duplicate key"
+    assert status_of(api_gateway, token) == NOT_CONFIGURED
 
 
 # -- secrets stay secret ----------------------------------------------------------------
@@ -653,6 +710,8 @@ def test_in_use_is_the_keys_live_request_count_across_workers(api_gateway: Gatew
     with held_streams(api_gateway, token, 1):
         assert status_of(api_gateway, other)["in_use"] == 0
         assert status_of(api_gateway, token)["in_use"] == 1
+
+
 async def _user_with_a_stored_key(database_url: str, master_key: str, key: str) -> str:
     """A user whose key went into the database without the API's checks (as keys stored
     before the API refused unsendable ones did); returns the user's gateway token."""
@@ -707,16 +766,26 @@ def test_openapi_schema_describes_the_settings_api(api_gateway: GatewayProcess) 
     body = operations["put"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["type"] == "object"
     assert body["additionalProperties"] is False
-    assert body["properties"]["max_concurrent"]["minimum"] == 1
-    assert body["properties"]["max_concurrent"]["maximum"] == 256
-    assert body["properties"]["key"]["maxLength"] == 256
-    assert body["properties"]["key"]["pattern"] == "^sk-ant-[!-~]*$"
+    cap, null = body["properties"]["max_concurrent"]["oneOf"]
+    assert (cap["type"], cap["minimum"], cap["maximum"], null["type"]) == (
+        "integer",
+        1,
+        256,
+        "null",
+    )
+    key, null = body["properties"]["key"]["oneOf"]
+    assert (key["maxLength"], key["pattern"], null["type"]) == (256, "^sk-ant-[!-~]*$", "null")
+    assert [alternative["required"] for alternative in body["anyOf"]] == [
+        ["key"],
+        ["max_concurrent"],
+    ]
     assert "204" in operations["put"]["responses"]
     status_ref = operations["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     status_schema = schema["components"]["schemas"][status_ref["$ref"].rsplit("/", 1)[-1]]
     assert set(status_schema["properties"]) == {
         "configured",
         "configured_at",
+        "updated_at",
         "max_concurrent",
         "in_use",
     }
@@ -724,8 +793,51 @@ def test_openapi_schema_describes_the_settings_api(api_gateway: GatewayProcess) 
     assert {"integer", "null"} == {kind["type"] for kind in in_use["oneOf"]}
     assert "in flight" in in_use["description"]
     assert "204" in operations["delete"]["responses"]
-    assert "gatewayToken" in schema["components"]["securitySchemes"]
-    assert operations["get"]["security"] == [{"gatewayToken": []}]
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["gatewayToken"]["scheme"] == "bearer"
+    assert (schemes["apiKey"]["type"], schemes["apiKey"]["in"], schemes["apiKey"]["name"]) == (
+        "apiKey",
+        "header",
+        "x-api-key",
+    )
+    assert operations["get"]["security"] == [{"gatewayToken": []}, {"apiKey": []}]
+    assert body["minProperties"] == 1
+    # Every answer the API gives itself is documented, with the error envelope.
+    documented = {
+        method: set(operations[method]["responses"]) for method in ("get", "put", "delete")
+    }
+    assert documented["put"] >= {"204", "400", "401", "413", "415", "503"}
+    assert documented["get"] >= {"200", "401", "503"}
+    assert documented["delete"] >= {"204", "401", "503"}
+    error_ref = operations["put"]["responses"]["400"]["content"]["application/json"]["schema"]
+    error_schema = schema["components"]["schemas"][error_ref["$ref"].rsplit("/", 1)[-1]]
+    assert set(error_schema["properties"]) == {"type", "error"}
+    # /healthz answers an object, and says so; the pass-through is described.
+    health = schema["paths"]["/healthz"]
+    ok_ref = health["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    ok_schema = schema["components"]["schemas"][ok_ref["$ref"].rsplit("/", 1)[-1]]
+    assert ok_schema["type"] == "object" and "status" in ok_schema["properties"]
+    assert "503" in health["get"]["responses"] and "head" in health
+    proxy = schema["paths"]["/v1/{path}"]
+    assert {"get", "post"} <= set(proxy)
+    assert "byte for byte" in proxy["post"]["description"]
+
+
+def test_the_docs_pages_are_off_and_the_schema_is_served_locally(
+    api_gateway: GatewayProcess,
+) -> None:
+    for page in ("/schema/swagger", "/schema/redoc", "/schema/elements", "/schema/rapidoc"):
+        assert httpx.get(f"{api_gateway.url}{page}", timeout=10).status_code == 404
+    root = httpx.get(f"{api_gateway.url}/schema", timeout=10)
+    assert root.status_code == 200
+    assert "cdn" not in root.text.lower() and "<script" not in root.text
+    assert root.json()["openapi"].startswith("3.")
+
+
+def test_head_healthz_answers_like_get_without_a_body(api_gateway: GatewayProcess) -> None:
+    response = httpx.head(f"{api_gateway.url}/healthz", timeout=10)
+    assert response.status_code == 200
+    assert response.content == b""
 
 
 def test_healthz_is_200_while_the_database_answers(api_gateway: GatewayProcess) -> None:

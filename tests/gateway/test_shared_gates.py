@@ -175,8 +175,8 @@ async def test_a_token_revoked_on_one_host_is_refused_by_the_other_at_once(
     token, _ = a.user_with_key("dave", cap=4)
     for _ in range(6):  # cached by both of b's workers
         assert (await one_request(b, token)).status_code == 200
-    listing = a.cli("tokens", "list", "dave").stdout.split()
-    a.cli("tokens", "revoke", listing[0])
+    listing = a.cli("tokens", "list", "dave", "--json").stdout.splitlines()
+    a.cli("tokens", "revoke", str(json.loads(listing[0])["id"]))
     for _ in range(6):
         refused = await one_request(b, token)
         assert refused.status_code == 401

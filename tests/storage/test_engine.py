@@ -29,7 +29,9 @@ async def test_ping_succeeds_on_a_migrated_database(db: AnyEngine) -> None:
 
 async def test_migrate_twice_is_a_no_op(db: AnyEngine) -> None:
     before = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
-    assert len(before) == 3  # the tables, the max_concurrent bound, the key id
+    # the tables, the max_concurrent bound, the key id, usage by hour (table and index),
+    # token expiry and use, the name and label rule
+    assert len(before) == 7
     await migrate(db)
     after = await Migration.select(Migration.name).where(Migration.app_name == "storage").run()
     assert after == before

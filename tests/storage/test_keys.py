@@ -126,14 +126,33 @@ async def test_rotation_with_cap_replaces_the_cap(db: AnyEngine) -> None:
 async def test_updated_at_advances_on_every_change(db: AnyEngine) -> None:
     user_id = await _user()
     await _put(user_id)
-    times = [(await repository.key_status(user_id)).configured_at]
+    statuses = [await repository.key_status(user_id)]
     await _put(user_id, key=b"rotated")
-    times.append((await repository.key_status(user_id)).configured_at)
+    statuses.append(await repository.key_status(user_id))
     await repository.update_cap(user_id, 9)
-    times.append((await repository.key_status(user_id)).configured_at)
+    statuses.append(await repository.key_status(user_id))
+    times = [status.updated_at for status in statuses]
     assert None not in times
     assert times == sorted(times)  # type: ignore[type-var]
     assert len(set(times)) == 3
+
+
+async def test_configured_at_moves_with_the_key_and_not_with_a_cap_change(
+    db: AnyEngine,
+) -> None:
+    user_id = await _user()
+    await _put(user_id)
+    first = await repository.key_status(user_id)
+    await repository.update_cap(user_id, 9)
+    after_cap = await repository.key_status(user_id)
+    assert after_cap.configured_at == first.configured_at
+    assert after_cap.updated_at is not None and first.updated_at is not None
+    assert after_cap.updated_at > first.updated_at
+    await _put(user_id, key=b"rotated")
+    rotated = await repository.key_status(user_id)
+    assert rotated.configured_at is not None and first.configured_at is not None
+    assert rotated.configured_at > first.configured_at
+    assert rotated.configured_at == rotated.updated_at
 
 
 async def test_cap_only_update(db: AnyEngine) -> None:

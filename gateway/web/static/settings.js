@@ -306,7 +306,8 @@ const keyPanel = {
       key: [this.keyInput, byId("key-error")],
       max_concurrent: [this.capInput, byId("cap-error")],
     }[field];
-    if (error.status === 400 && target) {
+    // 409: a cap alone while no key is stored (the state, not the input, is the problem).
+    if ((error.status === 400 || error.status === 409) && target) {
       setInvalid(target[0], target[1], message);
       target[0].focus();
     } else {
