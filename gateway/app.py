@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from gateway.access_log import ACCESS
 from gateway.errors import GatewayError, error_body
 from gateway.logs import configure_logging
 from gateway.me_api import AnthropicKeyController
@@ -108,12 +109,16 @@ def create_app(settings: Settings) -> GatewayApp:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Again here: Granian sets up its workers' logging after loading the app.
         configure_logging(settings.log_level)
+        ACCESS.open()
         await resources.open()
         app.state.resources = resources
         try:
             yield
         finally:
-            await resources.close()
+            try:
+                await resources.close()
+            finally:
+                await ACCESS.close()
 
     app = Litestar(
         route_handlers=[AnthropicKeyController, healthz, settings_page_router()],

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import httpx
 
+from gateway.access_log import ACCESS
 from gateway.credentials import CredentialCache, ResolvedCredential
 from gateway.errors import (
     AuthenticationFailed,
@@ -51,7 +52,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
-access_log = logging.getLogger("gateway.access")
 
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 OVERLOAD_SCOPE_HEADER: Final = "x-gateway-overloaded-scope"
@@ -637,16 +637,7 @@ def _access(
     outcome: str,
     waited: float = 0.0,
 ) -> None:
-    if access_log.isEnabledFor(logging.INFO):
-        extra = {
-            "user_id": None if user_id is None else str(user_id),
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "bytes": sent,
-            "outcome": outcome,
-        }
-        if waited:
-            extra["waited_ms"] = round(waited * 1000, 2)
-        access_log.info("proxied", extra=extra)
+    if ACCESS.enabled:
+        ACCESS.line(
+            method, path, user_id, status, time.perf_counter() - started, sent, outcome, waited
+        )

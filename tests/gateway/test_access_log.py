@@ -1,0 +1,130 @@
+"""The access log written without ``logging``: its shape, its writes, and its last lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.access_log import PIPE_BUF, AccessLog
+from gateway.logs import JsonFormatter
+from tests.fixtures.gateway import launch
+
+FIELDS = {"user_id", "method", "path", "status", "duration_ms", "bytes", "outcome"}
+
+
+def read_all(fd: int) -> bytes:
+    out = b""
+    while chunk := os.read(fd, 65536):
+        out += chunk
+    return out
+
+
+def test_a_line_has_the_shape_of_every_other_log_line() -> None:
+    import logging
+
+    record = logging.LogRecord("gateway.access", logging.INFO, "", 0, "proxied", None, None)
+    for key, value in dict(
+        user_id="u1", method="POST", path="/v1/messages", status=200,
+        duration_ms=1.5, bytes=10, outcome="ok", waited_ms=2.0,
+    ).items():  # fmt: skip
+        setattr(record, key, value)
+    expected = json.loads(JsonFormatter().format(record))
+
+    read, write = os.pipe()
+    log = AccessLog(fd=write)
+    log.line("POST", "/v1/messages", "u1", 200, 0.0015, 10, "ok", waited=0.002)
+    log.line("GET", "/v1/models", None, 401, 0.0001, 0, "auth_failed")
+    log.flush()
+    os.close(write)
+    first, second = (json.loads(line) for line in read_all(read).splitlines())
+    os.close(read)
+    assert list(first) == list(expected)  # same keys, same order
+    assert {k: v for k, v in first.items() if k not in ("ts", "pid")} == {
+        k: v for k, v in expected.items() if k not in ("ts", "pid")
+    }
+    assert first["ts"].endswith("Z") and len(first["ts"]) == len(expected["ts"])
+    assert "waited_ms" not in second and second["user_id"] is None
+
+
+def test_writes_are_whole_lines_no_longer_than_pipe_buf() -> None:
+    """Several workers share one stderr pipe: a write of at most PIPE_BUF bytes is never
+    split by the kernel, so lines of different workers never mix."""
+    read, write = os.pipe()
+    writes: list[bytes] = []
+    log = AccessLog(fd=write)
+    real = log._write
+
+    def spy(data: bytes) -> None:
+        writes.append(data)
+        real(data)
+
+    log._write = spy  # type: ignore[method-assign]
+    for index in range(200):
+        log.line("POST", f"/v1/messages/{index}", "u", 200, 0.001, 5, "ok")
+    log.line("POST", "/v1/" + "x" * (2 * PIPE_BUF), "u", 200, 0.001, 5, "ok")  # one long line
+    log.flush()
+    os.close(write)
+    data = read_all(read)
+    os.close(read)
+    assert len(writes) > 2
+    for chunk in writes:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= PIPE_BUF or chunk.count(b"\n") == 1
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert [line["path"] for line in lines[:200]] == [f"/v1/messages/{i}" for i in range(200)]
+    assert len(lines) == 201
+
+
+def test_lines_wait_at_most_the_flush_interval() -> None:
+    async def run() -> bytes:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        log = AccessLog(fd=write)
+        log.enabled = True
+        log._task = asyncio.get_running_loop().create_task(log._flusher())
+        log.line("GET", "/v1/models", "u", 200, 0.001, 5, "ok")
+        await asyncio.sleep(0.5)
+        try:
+            return os.read(read, 65536)
+        finally:
+            await log.close()
+            os.close(read)
+            os.close(write)
+
+    assert b'"path":"/v1/models"' in asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_a_clean_stop_writes_every_line(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Lines gathered in the last instant before SIGTERM are written, none lost."""
+    gateway = launch(gateway_env, workers=2, log_dir=tmp_path)
+    try:
+        token, _ = gateway.user_with_key("alice")
+        marker = f"/v1/models/{uuid.uuid4().hex}"
+        with httpx.Client(timeout=10) as client:
+            for index in range(40):
+                response = client.get(
+                    f"{gateway.url}{marker}-{index}",
+                    headers={"x-api-key": token, "connection": "close"},
+                )
+                assert response.status_code == 404  # the fake's answer, relayed
+    finally:
+        assert gateway.stop() == 0
+    records = [
+        json.loads(line)
+        for line in gateway.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    logged = [record for record in records if str(record.get("path", "")).startswith(marker)]
+    assert sorted(record["path"] for record in logged) == sorted(
+        f"{marker}-{index}" for index in range(40)
+    )
+    assert all(record.keys() >= FIELDS and record["msg"] == "proxied" for record in logged)
