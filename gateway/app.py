@@ -118,7 +118,7 @@ def create_app(settings: Settings) -> GatewayApp:
             try:
                 await resources.close()
             finally:
-                await ACCESS.close()
+                ACCESS.close()
 
     app = Litestar(
         route_handlers=[AnthropicKeyController, healthz, settings_page_router()],
