@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
 from ipc.caps import CredentialGate
 from ipc.errors import CredentialGone, GatesUnavailable
 from ipc.gates import Gatekeeper, Permit, Rejected
-from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale
 from storage import repository
 from storage.crypto import MasterKey
 from storage.errors import DecryptionError, StorageError
 from storage.tokens import hash_token
+
+if TYPE_CHECKING:
+    from ipc.redis_gates import LeaseGate, RedisGatekeeper
 
 log = logging.getLogger("gateway.credentials")
 
@@ -87,6 +90,8 @@ class CredentialCache:
         with the wait queue on), reading it again first whenever a change was committed
         anywhere since it was read; the credential admitted (maybe a newer reading: another
         key, or a refusal if its token was revoked) and the answer."""
+        from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale  # redis: only here
+
         gates = self._gatekeeper
         assert isinstance(gates, RedisGatekeeper)
         for _ in range(MAX_RELOADS):
