@@ -109,9 +109,9 @@ def create_app(settings: Settings) -> GatewayApp:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Again here: Granian sets up its workers' logging after loading the app.
         configure_logging(settings.log_level)
-        ACCESS.open()
         await resources.open()
         app.state.resources = resources
+        ACCESS.open()
         try:
             yield
         finally:

@@ -17,6 +17,7 @@ on any host is never trusted.
 from __future__ import annotations
 
 import logging
+import types
 import uuid
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,13 @@ class CredentialCache:
         self._max_entries = max_entries
         self._entries: dict[str, ResolvedCredential] = {}
         self._generation = gatekeeper.generation()
+        # With shared gates, their module (imported only then: redis costs each worker
+        # ~11 MiB), kept here so admit_shared does no import per request.
+        self._shared_gates: types.ModuleType | None = None
+        if not isinstance(gatekeeper, Gatekeeper):
+            from ipc import redis_gates
+
+            self._shared_gates = redis_gates
 
     def _sync(self) -> int | str:
         generation = self._gatekeeper.generation()
@@ -90,17 +98,17 @@ class CredentialCache:
         with the wait queue on), reading it again first whenever a change was committed
         anywhere since it was read; the credential admitted (maybe a newer reading: another
         key, or a refusal if its token was revoked) and the answer."""
-        from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale  # redis: only here
-
+        shared = self._shared_gates
+        assert shared is not None
         gates = self._gatekeeper
-        assert isinstance(gates, RedisGatekeeper)
+        assert isinstance(gates, shared.RedisGatekeeper)
         for _ in range(MAX_RELOADS):
             gate = credential.gate
-            assert isinstance(gate, LeaseGate)
+            assert isinstance(gate, shared.LeaseGate)
             admitted = await (
                 gates.admit_waiting(gate, within=within) if within > 0 else gates.admit(gate)
             )
-            if not isinstance(admitted, Stale):
+            if not isinstance(admitted, shared.Stale):
                 return credential, admitted
             credential = await self.resolve(token)
         raise GatesUnavailable("changes kept landing while the credential was read")

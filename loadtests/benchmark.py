@@ -181,12 +181,13 @@ def cpu_seconds(pids: list[int]) -> float:
 class PassThroughFloor:
     """``loadtests.passthrough``: the same server and transport with nothing else."""
 
-    def __init__(self, workdir: Path, upstream: str, *, workers: int) -> None:
+    def __init__(self, workdir: Path, upstream: str, *, workers: int, transport: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self._log = (workdir / f"passthrough-{self.port}.log").open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROXY_"))}
+        env["GATEWAY_UPSTREAM_TRANSPORT"] = transport  # the gateway's own, compared with it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loadtests.passthrough", "--port", str(self.port),
              "--upstream", upstream, "--workers", str(workers)],
@@ -757,7 +758,9 @@ def measure_traffic(
 
             direct = measure(up.url, "sk-ant-test-direct")
             with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
-                floor = PassThroughFloor(Path(tmp), up.url, workers=workers)
+                floor = PassThroughFloor(
+                    Path(tmp), up.url, workers=workers, transport=transports[0]
+                )
                 try:
                     bare = measure(floor.url, "sk-ant-test-direct", floor)
                 finally:

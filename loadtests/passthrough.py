@@ -22,6 +22,8 @@ import click
 from gateway.settings import Settings
 
 Message = MutableMapping[str, Any]
+# Not forwarded: the transport writes its own host and length; hop-by-hop headers.
+_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 
 
 class PassThrough:
@@ -61,7 +63,7 @@ class PassThrough:
         target = scope["raw_path"] + (
             b"?" + scope["query_string"] if scope["query_string"] else b""
         )
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"host", b"content-length")]
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP]
         request = self.upstream.request(
             scope["method"], target, headers=headers, body=b"".join(chunks)
         )

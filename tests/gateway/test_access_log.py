@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -60,9 +61,9 @@ def test_writes_are_whole_lines_no_longer_than_pipe_buf() -> None:
     log = AccessLog(fd=write)
     real = log._write
 
-    def spy(data: bytes) -> None:
+    def spy(data: bytes) -> int:
         writes.append(data)
-        real(data)
+        return real(data)
 
     log._write = spy  # type: ignore[method-assign]
     for index in range(200):
@@ -88,9 +89,9 @@ def test_lines_of_one_loop_pass_share_one_write_right_after_it() -> None:
         writes: list[bytes] = []
         real = log._write
 
-        def spy(data: bytes) -> None:
+        def spy(data: bytes) -> int:
             writes.append(data)
-            real(data)
+            return real(data)
 
         log._write = spy  # type: ignore[method-assign]
         log.open()
@@ -142,3 +143,50 @@ def test_a_clean_stop_writes_every_line(
         f"{marker}-{index}" for index in range(40)
     )
     assert all(record.keys() >= FIELDS and record["msg"] == "proxied" for record in logged)
+
+
+def test_a_full_non_blocking_stderr_keeps_the_lines_whole_and_in_order() -> None:
+    """EAGAIN keeps the rest for a retry: nothing dropped, no line cut and glued to the
+    next (a long line partly taken is finished before anything else)."""
+
+    async def run() -> bytes:
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        os.set_blocking(read, False)
+        filler = 0
+        try:
+            while True:
+                filler += os.write(write, b"f" * 4096)
+        except BlockingIOError:
+            pass
+        os.read(read, 3000)  # room for part of a line, not all of it
+        log = AccessLog(fd=write)
+        log.open()
+        log.line("POST", "/v1/" + "x" * 6000, "u", 200, 0.001, 5, "ok")
+        for index in range(50):
+            log.line("POST", f"/v1/messages/{index}", "u", 200, 0.001, 5, "ok")
+        log.flush()
+        assert log._out  # stderr is full: the rest waits
+        received = b""
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(read, 65536)
+            if not log._out and not log._lines:
+                break
+            await asyncio.sleep(0.005)
+        log.close()
+        try:
+            while chunk := os.read(read, 65536):
+                received += chunk
+        except BlockingIOError:
+            pass
+        os.close(read)
+        os.close(write)
+        return received[filler - 3000 :]
+
+    data = asyncio.run(run())
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert [line["path"] for line in lines] == ["/v1/" + "x" * 6000] + [
+        f"/v1/messages/{i}" for i in range(50)
+    ]
