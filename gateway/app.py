@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 
+from gateway.access_log import ACCESS
 from gateway.errors import GatewayError, NotFound, error_body
 from gateway.logs import configure_logging
 from gateway.me_api import UNAUTHORIZED, AnthropicKeyController, error_response
@@ -169,10 +170,14 @@ def create_app(settings: Settings) -> GatewayApp:
         configure_logging(settings.log_level)
         await resources.open()
         app.state.resources = resources
+        ACCESS.open()
         try:
             yield
         finally:
-            await resources.close()
+            try:
+                await resources.close()
+            finally:
+                ACCESS.close()
 
     app = Litestar(
         route_handlers=[

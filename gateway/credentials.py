@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 import uuid
+from typing import TYPE_CHECKING
 
 from gateway.errors import AuthenticationFailed, ServerFault, StorageUnavailableError
 from ipc.caps import CredentialGate
 from ipc.errors import CredentialGone, GatesUnavailable
 from ipc.gates import Gatekeeper, Permit, Rejected
-from ipc.redis_gates import LeaseGate, RedisGatekeeper, Stale
 from storage import repository
 from storage.errors import DecryptionError, StorageError, UnknownKeyId
 from storage.keyring import KeyringSource
 from storage.tokens import hash_token
+
+if TYPE_CHECKING:
+    from ipc.redis_gates import LeaseGate, RedisGatekeeper
 
 log = logging.getLogger("gateway.credentials")
 
@@ -73,6 +77,13 @@ class CredentialCache:
         # Hashes of the tokens used since the last flush: a set add per request; the
         # worker writes them as last-used times off the request path (``TokenUseRecorder``).
         self.used: set[str] = set()
+        # With shared gates, their module (imported only then: redis costs each worker
+        # ~11 MiB), kept here so admit_shared does no import per request.
+        self._shared_gates: types.ModuleType | None = None
+        if not isinstance(gatekeeper, Gatekeeper):
+            from ipc import redis_gates
+
+            self._shared_gates = redis_gates
 
     def _sync(self) -> int | str:
         generation = self._gatekeeper.generation()
@@ -101,15 +112,17 @@ class CredentialCache:
         with the wait queue on), reading it again first whenever a change was committed
         anywhere since it was read; the credential admitted (maybe a newer reading: another
         key, or a refusal if its token was revoked) and the answer."""
+        shared = self._shared_gates
+        assert shared is not None
         gates = self._gatekeeper
-        assert isinstance(gates, RedisGatekeeper)
+        assert isinstance(gates, shared.RedisGatekeeper)
         for _ in range(MAX_RELOADS):
             gate = credential.gate
-            assert isinstance(gate, LeaseGate)
+            assert isinstance(gate, shared.LeaseGate)
             admitted = await (
                 gates.admit_waiting(gate, within=within) if within > 0 else gates.admit(gate)
             )
-            if not isinstance(admitted, Stale):
+            if not isinstance(admitted, shared.Stale):
                 return credential, admitted
             credential = await self.resolve(token)
         raise GatesUnavailable("changes kept landing while the credential was read")

@@ -19,6 +19,8 @@ every request is only the upstream base, parsed once.
 
 from __future__ import annotations
 
+from typing import Any, Final
+
 import httpx
 
 from gateway.h1_transport import H1Transport
@@ -57,6 +59,50 @@ def build_transport(kind: str) -> httpx.AsyncBaseTransport:
     )
 
 
+_EMPTY_BODY_LENGTH: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+class PreparedRequest(httpx.Request):
+    """What ``httpx.Request(method, url, headers=..., content=body)`` builds, built directly.
+
+    ``httpx.Request.__init__`` costs a proxied request ~7-13 µs of worker CPU (a URL copy,
+    header normalising, ``encode_request``, ``_prepare`` rebuilding the headers twice);
+    the gateway's headers are already bytes. The same object comes out: ``Host`` first,
+    the headers in order, ``Content-Length`` last for a body (or ``0`` right after ``Host``
+    for an empty POST/PUT/PATCH), a ``ByteStream`` of the body, read. A test holds it
+    equal to ``httpx.Request`` over methods, bodies and headers, so an httpx upgrade that
+    changes either side fails there, not on the wire.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        url: httpx.URL,
+        host: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        extensions: dict[str, Any],
+    ) -> None:
+        method = method.upper()
+        self.method = method
+        self.url = url
+        listed = [(b"Host", b"host", host)]
+        if body:
+            listed += [(name, name.lower(), value) for name, value in headers]
+            listed.append((b"Content-Length", b"content-length", b"%d" % len(body)))
+        else:
+            if method in _EMPTY_BODY_LENGTH:
+                listed.append((b"Content-Length", b"content-length", b"0"))
+            listed += [(name, name.lower(), value) for name, value in headers]
+        prepared = httpx.Headers.__new__(httpx.Headers)
+        prepared._list = listed
+        prepared._encoding = None
+        self.headers = prepared
+        self.extensions = extensions
+        self.stream = httpx.ByteStream(body)
+        self._content = body
+
+
 class Upstream:
     def __init__(self, settings: Settings) -> None:
         self._timeout = httpx.Timeout(
@@ -69,17 +115,19 @@ class Upstream:
         self.base = httpx.URL(settings.upstream_url)
         # A base URL with a path (a relay at https://relay/anthropic) prefixes every target.
         self._prefix = self.base.raw_path.partition(b"?")[0].rstrip(b"/")
+        self._host = self.base.netloc
 
     def request(
         self, method: str, target: bytes, *, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> httpx.Request:
         """``target``: the path and query as the client sent them, sent on unchanged."""
-        return httpx.Request(
+        return PreparedRequest(
             method,
             self.base,
-            headers=headers,
-            content=body,
-            extensions={"timeout": self._timeout, "target": self._prefix + target},
+            self._host,
+            headers,
+            body,
+            {"timeout": self._timeout, "target": self._prefix + target},
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:

@@ -14,7 +14,9 @@ a global cap and per-credential caps of 256 over several users), then measures:
 - gates: acquire + release through ``Gatekeeper.admit`` / ``Permit.release`` (µs); with
   ``--gates redis`` also one admission round trip plus its release on Redis leases;
 - json: non-streaming ``POST /v1/messages`` requests/s and p50/p99 at a fixed
-  concurrency, through the gateway (with and without the global cap) and direct, with
+  concurrency, through the gateway (with and without the global cap), through the bare
+  pass-through floor (``loadtests.passthrough``: the same server and transport, nothing
+  else) and direct, with
   ``wrk`` when installed (a Python client saturates before the gateway does), and the
   workers' CPU time per request (steadier than requests/s when everything shares the
   cores); with ``--transport`` given more than once, each upstream transport side by side;
@@ -30,15 +32,15 @@ a global cap and per-credential caps of 256 over several users), then measures:
   multiprocess values called directly vs the workers' tallies (``loadtests.metrics_cost``);
 - ttfb: added time to first byte at low load (sequential requests), median and p99; with
   ``--gates redis`` also through Redis gates, and what they add at the median;
-- sse, steady: 100..2,000 streams open at every moment (a closed loop of N clients,
+- sse, steady: 100..8,000 streams open at every moment (a closed loop of N clients,
   each stream about a second), through the gateway and direct: time to the first text
   delta (which the fake sends at once) and whole-stream time; the largest level at which
   every stream completes with p99 stream time within 1.5x direct, and the largest with
-  p99 first delta within 250 ms;
+  p99 first delta within 250 ms; and the workers' CPU per relayed SSE event at each level;
 - sse, burst: 1,000 and 2,000 streams started at the same instant (the harshest case:
   the last one waits for every one before it);
-- memory: resident memory per worker at idle and with 1,000 and 2,000 open streams, and
-  with 2,000 open streams whose requests carried 64 KiB bodies (an agent's long context).
+- memory: resident memory per worker at idle and with 1,000, 2,000 and 4,000 open streams,
+  and with 4,000 open streams whose requests carried 64 KiB bodies (an agent's long context).
 
 Figures are printed, never asserted. Results of a run live in ``loadtests/RESULTS.md``.
 """
@@ -66,7 +68,7 @@ import httpx
 import uvloop
 
 from loadtests.fake_upstream import FakeUpstream
-from loadtests.procs import grandchildren, rss_mib
+from loadtests.procs import children, grandchildren, rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = b'{"model":"claude-bench","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
@@ -155,15 +157,7 @@ class Gateway:
 
     def worker_cpu_seconds(self) -> float:
         """User + system CPU the workers have used so far (Granian's parent idles)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in self.worker_pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        return total
+        return cpu_seconds(self.worker_pids())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -176,6 +170,58 @@ class Gateway:
         self._log.close()
         if self.gates_prefix is not None:
             _delete_prefix(self.env["GATEWAY_GATES_URL"], self.gates_prefix)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU ``pids`` have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+class PassThroughFloor:
+    """``loadtests.passthrough``: the same server and transport with nothing else."""
+
+    def __init__(self, workdir: Path, upstream: str, *, workers: int, transport: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._log = (workdir / f"passthrough-{self.port}.log").open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROXY_"))}
+        env["GATEWAY_UPSTREAM_TRANSPORT"] = transport  # the gateway's own, compared with it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loadtests.passthrough", "--port", str(self.port),
+             "--upstream", upstream, "--workers", str(workers)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{self.url}/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the pass-through did not start; see {self._log.name}")
+            time.sleep(0.1)
+
+    def worker_cpu_seconds(self) -> float:
+        return cpu_seconds(children(self.process.pid))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
 
 
 def _delete_prefix(url: str, prefix: str) -> None:
@@ -394,11 +440,13 @@ class _SseTally:
         self.first_delta: list[float] = []
         self.whole: list[float] = []
         self.failed = 0
+        self.done = 0  # every stream that completed, timed or not
 
     def row(self, streams: int, seconds: float | None = None) -> dict[str, float]:
         return {
             "streams": streams,
             "completed": len(self.whole),
+            "done": self.done,
             "failed": self.failed,
             "per_s": len(self.whole) / seconds if seconds else float("nan"),
             "first_p50_ms": _pct(self.first, 50) * 1000,
@@ -436,6 +484,7 @@ async def _one_stream(
     if not tail.rstrip().endswith(b'{"type":"message_stop"}'):
         tally.failed += 1
         return
+    tally.done += 1
     if record:
         tally.first.append(first)
         tally.first_delta.append(first_delta)
@@ -608,6 +657,11 @@ def main(
     gates: tuple[str, ...],
     redis_url: str,
 ) -> None:
+    import resource
+
+    # 8,000 streams: the client's sockets, and (inherited) the fake's and the gateway's.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     transports = transports or ("h1",)
     shared_gates_url = redis_url if "redis" in gates else None
     parts = set(only) or {"gates", "metrics", "json", "usage", "ttfb", "sse", "memory"}
@@ -786,7 +840,7 @@ def measure_memory(workers: int, *, quick: bool, transport: str, metrics: bool) 
         "\n## memory: resident MiB per worker (a fresh gateway each row), with N streams opened"
         "\n##   at once: just after the last opened, and settled (7 s later, past a heap trim)"
     )
-    levels = [500] if quick else [1000, 2000]
+    levels = [500] if quick else [1000, 2000, 4000]
     big = _padded_message(64 * 1024)
     rows = [(f"{n:>5} open", n, STREAM_MESSAGE) for n in levels]
     rows.append((f"{levels[-1]:>5} open, 64 KiB request bodies", levels[-1], big))
@@ -833,7 +887,9 @@ def measure_traffic(
                 f"\n## json: POST /v1/messages, concurrency {concurrency}, {seconds} s each, {tool}"
             )
 
-            def measure(url: str, tok: str, gateway: Gateway | None = None) -> dict[str, float]:
+            def measure(
+                url: str, tok: str, gateway: Gateway | PassThroughFloor | None = None
+            ) -> dict[str, float]:
                 cpu = gateway.worker_cpu_seconds() if gateway else 0.0
                 if have_wrk:
                     row = wrk_json(url, tok, concurrency=concurrency, seconds=seconds)
@@ -847,10 +903,19 @@ def measure_traffic(
                 return row
 
             direct = measure(up.url, "sk-ant-test-direct")
+            with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+                floor = PassThroughFloor(
+                    Path(tmp), up.url, workers=workers, transport=transports[0]
+                )
+                try:
+                    bare = measure(floor.url, "sk-ant-test-direct", floor)
+                finally:
+                    floor.stop()
             first = transports[0]
             state = "metrics on" if metrics else "metrics off"
             rows = [
                 ("direct (fake upstream)", direct),
+                ("bare pass-through (the floor)", bare),
                 (f"gateway {first}, caps on, {state}", measure(capped.url, token, capped)),
                 (
                     f"gateway {first}, no global cap, {state}",
@@ -903,6 +968,12 @@ def measure_traffic(
                     f"  {label:<42} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
                     f"{row['non_2xx']:7.0f} {row['rps'] / direct['rps']:5.2f} {cpu:>14}"
                 )
+            capped_cpu = rows[2][1]["cpu_us"]
+            print(
+                f"  worker CPU per request, gateway (caps on) vs the bare pass-through: "
+                f"{capped_cpu:.0f} µs vs {bare['cpu_us']:.0f} µs; the gateway's own share "
+                f"{capped_cpu - bare['cpu_us']:.0f} µs"
+            )
             if compare_metrics:
                 cpu_of = {label: row["cpu_us"] for label, row in rows if "cpu_us" in row}
                 on = cpu_of[f"gateway {first}, caps on, metrics on"]
@@ -932,7 +1003,7 @@ def measure_traffic(
                 more = statistics.median(shared_t) - statistics.median(gateway_t)
                 print(f"  added by Redis gates over POSIX gates at the median: {more * 1000:.2f} ms")
         if "sse" in parts:
-            measure_sse(up.url, capped.url, capped_tokens, quick=quick)
+            measure_sse(up.url, capped, capped_tokens, quick=quick)
 
 
 @contextmanager
@@ -954,11 +1025,20 @@ def _shared(
             gateway.stop()
 
 
-def measure_sse(direct_url: str, gateway_url: str, tokens: list[str], *, quick: bool) -> None:
+def measure_sse(direct_url: str, gateway: Gateway, tokens: list[str], *, quick: bool) -> None:
+    gateway_url = gateway.url
     events, delay = 5, 0.25
     # eager: the first text delta leaves the fake with message_start, so "first delta" is
     # what the path adds; the four later deltas are paced, a stream lasts about a second.
     query, length = f"?events={events}&delay={delay}&eager=1", (events - 1) * delay
+    sample = httpx.post(
+        f"{direct_url}/v1/messages{query}",
+        content=STREAM_MESSAGE,
+        headers={"x-api-key": "sk-ant-test-direct", "content-type": "application/json"},
+        timeout=30,
+    )
+    per_stream = sample.content.count(b"event: ")  # SSE events relayed per stream
+    cpu_per_event: list[tuple[int, float]] = []
     seconds = 3.0 if quick else 6.0
     header = (
         f"  {'target':<8} {'streams':>7} {'done':>6} {'failed':>6} {'per s':>6} "
@@ -979,21 +1059,20 @@ def measure_sse(direct_url: str, gateway_url: str, tokens: list[str], *, quick: 
     )
     print(header)
     best_stream = best_delta = 0
-    for level in [100, 500] if quick else [100, 500, 1000, 2000]:
-        rows = [
-            (
-                label,
-                run_client(
-                    sse_steady(
-                        url, toks, streams=level, seconds=seconds, query=query, length=length
-                    )
-                ),
+    for level in [100, 500] if quick else [100, 500, 1000, 2000, 4000, 8000]:
+        rows = []
+        for label, url, toks in (
+            ("direct", direct_url, ["sk-ant-test-direct"]),
+            ("gateway", gateway_url, tokens),
+        ):
+            cpu = gateway.worker_cpu_seconds()
+            row = run_client(
+                sse_steady(url, toks, streams=level, seconds=seconds, query=query, length=length)
             )
-            for label, url, toks in (
-                ("direct", direct_url, ["sk-ant-test-direct"]),
-                ("gateway", gateway_url, tokens),
-            )
-        ]
+            if label == "gateway" and row["done"]:
+                used = gateway.worker_cpu_seconds() - cpu
+                cpu_per_event.append((level, used / (row["done"] * per_stream) * 1e6))
+            rows.append((label, row))
         for label, row in rows:
             print(line(label, row))
         (_, d), (_, g) = rows
@@ -1004,6 +1083,10 @@ def measure_sse(direct_url: str, gateway_url: str, tokens: list[str], *, quick: 
             best_delta = level
     print(f"  largest level, every stream complete, p99 stream within 1.5x direct: {best_stream}")
     print(f"  largest level, every stream complete, p99 first delta within 250 ms: {best_delta}")
+    print(
+        f"  worker CPU per relayed SSE event ({per_stream} events a stream, streams set up "
+        "included): " + ", ".join(f"{us:.1f} µs at {level}" for level, us in cpu_per_event)
+    )
 
     print("\n## sse, burst: N streams started at the same instant, each on a new connection")
     print(header)
