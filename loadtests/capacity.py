@@ -80,8 +80,9 @@ log = logging.getLogger("loadtests.capacity")
 STEADY_AFTER = 1.0  # seconds into a phase before its samples count
 STEADY_UNTIL = 0.3  # seconds before a phase ends after which they no longer do
 # Seconds after a cap change's PUT returned before it binds at the upstream: a request
-# admitted just before the change is still on its way there.
-CHANGE_GRACE = 0.25
+# admitted just before the change is still on its way there (0.25 s was passed by one such
+# request in a CI run on a loaded machine: 3 in flight under a new cap of 2, once).
+CHANGE_GRACE = 0.5
 AUDIT_INTERVAL = 2.0  # the gateway's default GATEWAY_CAP_AUDIT_INTERVAL
 # The churn phase's streams: upstream errors and cuts among them (the fake upstream picks
 # by the query; the locustfile adds it to every request).

@@ -191,13 +191,23 @@ def test_storage_down_is_503_database_unavailable_and_healthz_503(
 def test_wrong_master_key_is_500_without_secrets_or_trace(
     start_gateway: Callable[..., GatewayProcess],
 ) -> None:
+    """A stored key under a master key the gateway no longer holds (the old key removed
+    before every row was rotated): its requests are a clear 500, nothing else fails. (A
+    gateway none of whose keys decrypts the newest stored key refuses to start instead:
+    test_operator_edges.)"""
     key_a, key_b = MasterKey.generate().to_base64(), MasterKey.generate().to_base64()
     first = start_gateway(workers=2, GATEWAY_MASTER_KEY=key_a)
     token, upstream_key = first.user_with_key(unique("mk"))
     assert proxied(first, token).status_code == 200
     assert first.stop() == 0
+    # Key b added in front of a; another user's key is stored (under b, the newest row).
+    both = start_gateway(workers=2, GATEWAY_MASTER_KEY=f"{key_b},{key_a}")
+    other, _ = both.user_with_key(unique("mk"))
+    assert proxied(both, token).status_code == 200
+    assert both.stop() == 0
 
-    second = start_gateway(workers=2, GATEWAY_MASTER_KEY=key_b)
+    second = start_gateway(workers=2, GATEWAY_MASTER_KEY=key_b)  # a removed too soon
+    assert proxied(second, other).status_code == 200
     secrets = (key_a, key_b, upstream_key, token)
     for _ in range(4):  # each on a new connection: both workers
         response = proxied(second, token)
@@ -217,7 +227,7 @@ def test_wrong_master_key_is_500_without_secrets_or_trace(
     assert second.put_key(token, key=upstream_key).status_code == 204
     for _ in range(4):
         assert proxied(second, token).status_code == 200
-    for gateway in (first, second):
+    for gateway in (first, both, second):
         log = gateway.log_path.read_text(errors="replace")
         for secret in secrets:
             assert secret not in log
@@ -235,7 +245,7 @@ def test_a_malformed_master_key_stops_the_gateway_with_a_clear_message(
         pytest.fail(f"the gateway kept running with a malformed master key:\n{gateway.logs()}")
     assert gateway.process.returncode != 0
     log = gateway.logs()
-    assert "Error: the master key is not valid" in log, log
+    assert "Error: GATEWAY_MASTER_KEY: the master key is not valid" in log, log
     assert "gateway keygen" in log
     assert_no_trace(log.split("Error:", 1)[1])
     assert bad not in log

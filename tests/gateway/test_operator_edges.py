@@ -148,7 +148,7 @@ def _store_key(database_url: str, key: MasterKey, name: str) -> None:
             user = await repository.create_user(name)
             ciphertext, nonce = key.encrypt("sk-ant-test-stored", user_id=user.id)
             await repository.upsert_key(
-                user.id, ciphertext=ciphertext, nonce=nonce, max_concurrent=None
+                user.id, ciphertext=ciphertext, nonce=nonce, key_id=key.key_id, max_concurrent=None
             )
 
     asyncio.run(work())
@@ -163,7 +163,7 @@ def test_a_wrong_master_key_refuses_to_start(gateway_env: dict[str, str]) -> Non
         "GATEWAY_MASTER_KEY": MasterKey.generate().to_base64(),
     }
     result = serve_once(env, "--workers", "1", "--port", str(free_port()))
-    assert_refused(result, "GATEWAY_MASTER_KEY: must be the key", "user 'alice'")
+    assert_refused(result, "GATEWAY_MASTER_KEY: must hold the key", "user 'alice'")
 
 
 def test_a_missing_master_key_file_refuses_to_start(

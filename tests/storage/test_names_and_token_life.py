@@ -92,10 +92,12 @@ async def test_last_use_is_recorded_at_most_once_per_interval(db: AnyEngine) -> 
 async def test_sample_stored_key_names_its_user(db: AnyEngine) -> None:
     assert await repository.sample_stored_key() is None
     alice = await repository.create_user("alice")
-    await repository.upsert_key(alice.id, ciphertext=b"c", nonce=b"n" * 12, max_concurrent=None)
+    await repository.upsert_key(
+        alice.id, ciphertext=b"c", nonce=b"n" * 12, key_id="0123abcd", max_concurrent=None
+    )
     sample = await repository.sample_stored_key()
     assert sample == repository.StoredKeySample(
-        user_id=alice.id, user_name="alice", ciphertext=b"c", nonce=b"n" * 12
+        user_id=alice.id, user_name="alice", ciphertext=b"c", nonce=b"n" * 12, key_id="0123abcd"
     )
 
 
