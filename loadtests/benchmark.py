@@ -260,7 +260,9 @@ def running(
                 transport=transport, metrics=metrics,
             )  # fmt: skip
             try:
-                tokens = [capped.user(f"bench{i}") for i in range(10)]
+                # 36 users of cap 256 (the most a key may have): 9,216 streams at once, above
+                # the 8,000 level (ten users refused every stream past 2,560 with a 429).
+                tokens = [capped.user(f"bench{i}") for i in range(36)]
                 uncapped_token = uncapped.user("bench")
                 yield up, capped, uncapped, [*tokens, uncapped_token]
             finally:
