@@ -104,7 +104,9 @@ class Gateway:
             GATEWAY_DATA_DIR=str(workdir / "data"),
             GATEWAY_UPSTREAM_URL=upstream,
             GATEWAY_IPC_NAMESPACE=self.namespace,
-            GATEWAY_LOG_LEVEL="WARNING",
+            # INFO: the access log on (a line per request into the gateway's log file), as
+            # a gateway runs; WARNING would leave its cost out of every figure.
+            GATEWAY_LOG_LEVEL="INFO",
             GATEWAY_UPSTREAM_TRANSPORT=transport,
             # On: its own free port (never a real gateway's 9464); off: the workers count nothing.
             GATEWAY_METRICS_PORT=str(_free_port()) if metrics else "0",
