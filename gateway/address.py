@@ -49,18 +49,23 @@ class AddressClaim:
         where = f"{self.host}:{self.port}"
         if self.port == 0:
             return  # an ephemeral port is never shared
+        sweep_stale_claims()
         path = address_lock_path(self.host, self.port)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = _first_line(path)
-            raise AddressTaken(
-                f"GATEWAY_PORT: {where} must be free, got one served by another gateway "
-                f"(launcher pid {holder or '?'}; Address already in use): stop it, or choose "
-                "another --port"
-            ) from None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _first_line(path)
+                raise AddressTaken(
+                    f"GATEWAY_PORT: {where} must be free, got one served by another gateway "
+                    f"(launcher pid {holder or '?'}; Address already in use): stop it, or "
+                    "choose another --port"
+                ) from None
+            if _still_named(fd, path):
+                break
+            os.close(fd)  # swept (or released) between our open and our lock: again
         try:
             probe_bind(self.host, self.port)
         except AddressTaken:
@@ -77,6 +82,34 @@ class AddressClaim:
         address_lock_path(self.host, self.port).unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+
+
+def sweep_stale_claims() -> None:
+    """Remove the claim files of launchers that died without releasing them (SIGKILL, an
+    OOM kill): a file whose lock anyone can take has no holder. A launcher that opened a
+    file just before it is removed finds its lock on a file no longer named and opens
+    again (``_still_named``)."""
+    for path in SHM_DIR.glob("gateway-address-*.portlock"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # held: a live gateway's
+            continue
+        if _still_named(fd, path):
+            path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return path.stat().st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def probe_bind(host: str, port: int) -> None:

@@ -5,6 +5,7 @@ the serve flags, `status`, `--version`, token expiry and last use, the audit tra
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.address import address_lock_path
+from gateway.address import AddressClaim, address_lock_path
 from storage import repository
 from storage.crypto import MasterKey
 from storage.engine import connected
@@ -99,6 +100,27 @@ def test_a_port_another_program_listens_on_is_refused(gateway_env: dict[str, str
         )
     assert_refused(result, f"127.0.0.1:{port}", "another program", "Address already in use")
     assert not address_lock_path("127.0.0.1", port).exists()  # nothing left in /dev/shm
+
+
+def test_a_killed_launchers_claim_is_swept_and_a_live_ones_kept() -> None:
+    """A launcher SIGKILLed leaves its claim file (nobody holds its lock); the next claim
+    removes it. A file whose lock is held is a live gateway's and stays."""
+    stale_port, held_port, our_port = free_port(), free_port(), free_port()
+    stale = address_lock_path("127.0.0.1", stale_port)
+    stale.write_text("999999\n")
+    held = address_lock_path("127.0.0.1", held_port)
+    fd = os.open(held, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with AddressClaim("127.0.0.1", our_port):
+            assert not stale.exists()
+            assert held.exists()
+            assert address_lock_path("127.0.0.1", our_port).exists()
+        assert not address_lock_path("127.0.0.1", our_port).exists()
+    finally:
+        held.unlink(missing_ok=True)
+        os.close(fd)
+        stale.unlink(missing_ok=True)
 
 
 # -- settings checked before the banner ---------------------------------------------------
