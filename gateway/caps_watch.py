@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import click
@@ -119,7 +119,13 @@ def watch_rows(
                 held_by_live_workers=in_use,
             ),
         )
-    totals = rejection_totals(namespace)
+    return with_rejections(rows, rejection_totals(namespace), window, now)
+
+
+def with_rejections(
+    rows: list[_CapRow], totals: Totals | None, window: RecentRejections, now: float
+) -> list[WatchRow]:
+    """Each row with what was refused on it in the window (None: the metrics are off)."""
     if totals is None:
         return [WatchRow(row, None, 0.0) for row in rows]
     recent, seconds = window.add(now, totals)
@@ -205,18 +211,6 @@ def run_watch(
             views.append((title, watch_rows(namespace, keys, window, now)))
         return views
 
-    def show_plain(views: list[tuple[str, list[WatchRow]]], stamp: str) -> None:
-        if as_json:
-            for _title, rows in views:
-                for row in rows:
-                    click.echo(msgspec.json.encode(_json_row(row)))
-        elif views:
-            for line in plain_view(views, stamp):
-                click.echo(line)
-        else:
-            click.echo(f"-- {stamp}\nno running gateway found ({where})")
-        sys.stdout.flush()
-
     async def loop() -> None:
         async with connected(database_url, migrated=False):
             if terminal:
@@ -227,18 +221,40 @@ def run_watch(
                         await asyncio.sleep(interval)
             while True:
                 views = snapshot(await repository.list_key_caps())
-                show_plain(views, _stamp())
+                show_plain(views, _stamp(), as_json=as_json, where=where)
                 await asyncio.sleep(interval)
 
-    try:
+    with _until_stopped():
         asyncio.run(loop())
+
+
+def show_plain(
+    views: list[tuple[str, list[WatchRow]]], stamp: str, *, as_json: bool, where: str
+) -> None:
+    """One refresh when not on a terminal: JSON lines, or the tables as text."""
+    if as_json:
+        for _title, rows in views:
+            for row in rows:
+                click.echo(msgspec.json.encode(_json_row(row)))
+    elif views:
+        for line in plain_view(views, stamp):
+            click.echo(line)
+    else:
+        click.echo(f"-- {stamp}\nno running gateway found ({where})")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _until_stopped() -> Iterator[None]:
+    """Ctrl-C ends a watch cleanly (status 0); so does a reader that went away (``| head``):
+    quietly, like any Unix filter."""
+    try:
+        yield
     except KeyboardInterrupt:
         return
     except BrokenPipeError:
-        # The reader went away (`| head`): quietly, like any Unix filter.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
 
 
 def run_shared_watch(
@@ -257,25 +273,19 @@ def run_shared_watch(
     console = Console()
 
     def snapshot() -> list[tuple[str, list[WatchRow]]]:
-        now = time.monotonic()
         found = [totals for ns in local() if (totals := rejection_totals(ns)) is not None]
-        if not found:
-            return [(title, [WatchRow(row, None, 0.0) for row in rows()])]
-        summed: Totals = {}
-        for totals in found:
-            for key, value in totals.items():
-                summed[key] = summed.get(key, 0.0) + value
-        recent, seconds = window.add(now, summed)
-        out = []
-        for row in rows():
-            if row.scope == "global":
-                count = sum(v for (scope, _), v in recent.items() if scope in ("global", "worker"))
-            else:
-                count = recent.get(("credential", row.user_id or ""), 0.0)
-            out.append(WatchRow(row, round(count), seconds))
-        return [(f"{title}; rejections on this host", out)]
+        summed: Totals | None = None
+        if found:
+            summed = {}
+            for totals in found:
+                for key, value in totals.items():
+                    summed[key] = summed.get(key, 0.0) + value
+            title_here = f"{title}; rejections on this host"
+        else:
+            title_here = title
+        return [(title_here, with_rejections(rows(), summed, window, time.monotonic()))]
 
-    try:
+    with _until_stopped():
         if terminal:
             with Live(console=console, auto_refresh=False, transient=False) as live:
                 while True:
@@ -283,22 +293,8 @@ def run_shared_watch(
                     live.update(rich_view(snapshot(), stamp), refresh=True)
                     time.sleep(interval)
         while True:
-            views = snapshot()
-            if as_json:
-                for _title, items in views:
-                    for item in items:
-                        click.echo(msgspec.json.encode(_json_row(item)))
-            else:
-                for line in plain_view(views, _stamp()):
-                    click.echo(line)
-            sys.stdout.flush()
+            show_plain(snapshot(), _stamp(), as_json=as_json, where="")
             time.sleep(interval)
-    except KeyboardInterrupt:
-        return
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
 
 
 def _terminal_view(views: list[tuple[str, list[WatchRow]]], where: str) -> RenderableType:

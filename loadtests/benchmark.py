@@ -162,13 +162,7 @@ class Gateway:
         return cpu_seconds(self.worker_pids())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process)
         self._log.close()
         if self.gates_prefix is not None:
             _delete_prefix(self.env["GATEWAY_GATES_URL"], self.gates_prefix)
@@ -217,13 +211,19 @@ class PassThroughFloor:
         return cpu_seconds(children(self.process.pid))
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _stop(self.process)
         self._log.close()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _delete_prefix(url: str, prefix: str) -> None:
