@@ -15,8 +15,11 @@ import msgspec
 
 _START: Final = b"message_start"
 _DELTA: Final = b"message_delta"
-_BOTH: Final[tuple[bytes, ...]] = (_START, _DELTA)
-_DELTA_ONLY: Final[tuple[bytes, ...]] = (_DELTA,)
+# Anthropic's framing: each event its type line then one data line, a blank line after.
+_START_EVENT: Final = b"event: message_start\ndata: "
+_DELTA_EVENT: Final = b"event: message_delta\ndata: "
+_START_AT: Final = len(_START_EVENT)
+_DELTA_AT: Final = len(_DELTA_EVENT)
 # The largest non-streamed body read for its usage; a bigger one counts as a request only.
 MAX_METERED_BODY: Final = 8 * 1024 * 1024
 
@@ -46,44 +49,106 @@ _decode_delta = msgspec.json.Decoder(_MessageDelta).decode
 _decode_message = msgspec.json.Decoder(_Message).decode
 
 
-class Meter:
-    """What one response reported: the model and the latest value of each token count."""
+class Meter(msgspec.Struct, gc=False):
+    """What one response reported: the model and the latest value of each token count.
 
-    __slots__ = (
-        "cache_creation_input_tokens",
-        "cache_read_input_tokens",
-        "input_tokens",
-        "model",
-        "output_tokens",
-        "started",
-    )
+    A Struct (made in C, without an ``__init__`` frame): one is made for each metered
+    request.
+    """
 
-    def __init__(self) -> None:
-        self.model = ""
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self.cache_creation_input_tokens = 0
-        self.cache_read_input_tokens = 0
-        self.started = False  # a message_start was read: a stream has one, first
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    started: bool = False  # a message_start was read: a stream has one, first
+    opened: bool = False  # a chunk was read (the first one decides the framing)
+    # Its message_start began its first chunk, framed as Anthropic frames its events (the
+    # type line, one data line, a blank line; LF only): its events are looked for so.
+    framed: bool = False
 
     def events(self, data: bytes) -> None:
         """Whole SSE events, as relayed; only ``message_start``/``message_delta`` decoded.
 
-        A substring search decides for most chunks (text deltas) that there is nothing to
-        read (two until the stream's ``message_start`` was read); an event that only
-        mentions those names in its text is looked into and skipped.
+        A stream that begins as Anthropic's do (``event: message_start``, one ``data:``
+        line, a blank line, no CR) is read in that framing: its later chunks are searched
+        from their end for ``event: message_delta\\ndata:`` (text deltas pass at C speed;
+        a delta that gives all four counts ends the search, the latest value winning), and
+        a chunk where such an event is framed otherwise (a field before it, its data over
+        several lines) goes to the general parser. Any other stream is read by the
+        general SSE parser, ``_events``, chunk by chunk. (``bytes.find``, never ``in``:
+        the operator first tries its argument as an int, at the price of an exception.)
         """
-        if self.started:
-            if _DELTA not in data:
+        if self.framed:
+            at = data.rfind(_DELTA_EVENT)
+            if at < 0:
+                return  # most chunks: text deltas
+            self._deltas(data, at, 0)
+        elif self.started or self.opened:
+            if data.find(_START) >= 0 or data.find(_DELTA) >= 0:
+                self._general(data)
+        elif data[:_START_AT] == _START_EVENT:
+            self.opened = True
+            end = data.find(b"\n", _START_AT)
+            if data[end : end + 2] != b"\n\n" or data.find(b"\r") >= 0:
+                self._general(data)
                 return
-            markers = _DELTA_ONLY
-        elif _START in data or _DELTA in data:
-            markers = _BOTH
+            try:
+                message = _decode_start(data[_START_AT:end]).message
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._general(data)  # not the stream's message_start after all
+                return
+            self.started = self.framed = True
+            self.model = message.model
+            if message.usage is not None:
+                self._usage(message.usage)
+            offset = end + 2
+            at = data.rfind(_DELTA_EVENT, offset)
+            if at >= 0:
+                self._deltas(data, at, offset)
         else:
-            return
-        found = _events(data) if b"\r" in data else _lf_events(data, markers)
-        for kind, payload in found:
-            self._event(kind, payload)
+            self.opened = True
+            if data.find(_START) >= 0 or data.find(_DELTA) >= 0:
+                self._general(data)
+
+    def _deltas(self, data: bytes, at: int, offset: int) -> None:
+        """The message_delta events of a framed stream's chunk, the last at ``at``; the
+        chunk's events begin at ``offset``. Read from the last back, until one gives all
+        four counts (what came before it is overwritten), then applied in stream order."""
+        later: list[Usage] = []  # read so far, the last first
+        while True:
+            if at != offset and data[at - 2 : at] != b"\n\n":
+                self._general(data[offset:] if offset else data)  # a field before its type
+                return
+            begin = at + _DELTA_AT
+            end = data.find(b"\n", begin)
+            if data[end : end + 2] != b"\n\n":
+                self._general(data[offset:] if offset else data)  # more lines after its data
+                return
+            try:
+                usage = _decode_delta(data[begin:end]).usage
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                usage = None
+            if usage is not None:
+                if (
+                    usage.input_tokens is not None
+                    and usage.output_tokens is not None
+                    and usage.cache_creation_input_tokens is not None
+                    and usage.cache_read_input_tokens is not None
+                ):
+                    self.input_tokens = usage.input_tokens
+                    self.output_tokens = usage.output_tokens
+                    self.cache_creation_input_tokens = usage.cache_creation_input_tokens
+                    self.cache_read_input_tokens = usage.cache_read_input_tokens
+                    break
+                later.append(usage)
+            if at == offset:
+                break
+            at = data.rfind(_DELTA_EVENT, offset, at)
+            if at < 0:
+                break
+        for usage in reversed(later):
+            self._usage(usage)
 
     def body(self, data: bytes) -> None:
         """A whole non-streamed ``/v1/messages`` JSON body."""
@@ -94,6 +159,11 @@ class Meter:
         self.model = message.model
         if message.usage is not None:
             self._usage(message.usage)
+
+    def _general(self, data: bytes) -> None:
+        for kind, payload in _events(data):
+            if kind == _DELTA or not self.started:
+                self._event(kind, payload)
 
     def _event(self, kind: bytes, payload: bytes) -> None:
         try:
@@ -121,33 +191,6 @@ class Meter:
             self.cache_read_input_tokens = usage.cache_read_input_tokens
 
 
-def _lf_events(data: bytes, markers: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
-    """``_events`` for the usual stream, whose lines all end in LF: each mention of one of
-    ``markers`` is looked into, between the blank lines around it (a few C-level
-    searches, however many other events the chunk holds); one message_start at most."""
-    found: list[tuple[int, bytes, bytes]] = []
-    for marker in markers:
-        at = data.find(marker)
-        while at >= 0:
-            end = data.find(b"\n\n", at)
-            if end < 0:
-                break  # not ended by a blank line
-            begin = data.rfind(b"\n\n", 0, at) + 2
-            if begin < 2:
-                begin = 0
-            event = _framed_as_anthropic(data, begin, end) or _event_of(
-                data[begin:end].split(b"\n")
-            )
-            if event is not None:
-                found.append((begin, *event))
-                if marker is _START:
-                    break
-            at = data.find(marker, end)
-    if len(found) > 1:
-        found.sort()  # in stream order: the latest value wins
-    return [(kind, payload) for _, kind, payload in found]
-
-
 def _events(data: bytes) -> list[tuple[bytes, bytes]]:
     """The ``message_start``/``message_delta`` events in ``data``: (type, data field).
 
@@ -167,21 +210,6 @@ def _events(data: bytes) -> list[tuple[bytes, bytes]]:
         else:
             lines.append(line.rstrip(b"\r\n"))
     return found
-
-
-_FRAMES: Final = (b"event: message_start\ndata: ", b"event: message_delta\ndata: ")
-
-
-def _framed_as_anthropic(data: bytes, begin: int, end: int) -> tuple[bytes, bytes] | None:
-    """The event in ``data[begin:end]`` when it is framed as Anthropic frames it (its type
-    line, then one data line): read without splitting it into lines."""
-    for frame, kind in zip(_FRAMES, _BOTH, strict=True):
-        if data.startswith(frame, begin):
-            start = begin + len(frame)
-            if data.find(b"\n", start, end) < 0:
-                return kind, data[start:end]
-            return None
-    return None
 
 
 def _event_of(lines: list[bytes]) -> tuple[bytes, bytes] | None:
