@@ -445,8 +445,6 @@ class Proxy:
                     log.exception("usage of a request could not be counted")
             metrics = self.runtime.metrics
             if metrics is not None:
-                if meter is not None:
-                    metrics.tokens_used(str(user_id), meter)
                 metrics.relayed(
                     outcome,
                     # No status was sent: the client left first (nginx's 499), or something

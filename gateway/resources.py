@@ -124,7 +124,10 @@ class WorkerResources(ProxyRuntime):
             self.metrics = self.worker_metrics.tally
             self.worker_metrics.start()
         if settings.usage_flush_interval > 0:
-            self.usage_recorder = UsageRecorder(interval=settings.usage_flush_interval)
+            self.usage_recorder = UsageRecorder(
+                interval=settings.usage_flush_interval,
+                taken=None if self.metrics is None else self.metrics.tokens_from,
+            )
             self.usage = self.usage_recorder.tally
             self.usage_recorder.start()
 

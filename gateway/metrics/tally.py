@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from bisect import bisect_left
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.metrics.catalog import (
     BUCKETS,
@@ -30,7 +31,9 @@ from gateway.metrics.catalog import (
     TOKENS,
     UPSTREAM_HEADERS,
 )
-from gateway.usage.meter import Meter
+
+if TYPE_CHECKING:
+    from gateway.usage.recorder import Rows
 
 log = logging.getLogger("gateway.metrics")
 
@@ -100,16 +103,19 @@ class RequestTally:
         rejections = self.rejections
         rejections[key] = rejections.get(key, 0) + 1
 
-    def tokens_used(self, user_id: str, meter: Meter) -> None:
-        """What one ``/v1/messages`` answer reported."""
-        key = (user_id, meter.model)
-        row = self.tokens.get(key)
-        if row is None:
-            row = self.tokens[key] = [0, 0, 0, 0]
-        row[0] += meter.input_tokens
-        row[1] += meter.output_tokens
-        row[2] += meter.cache_creation_input_tokens
-        row[3] += meter.cache_read_input_tokens
+    def tokens_from(self, rows: Rows) -> None:
+        """A usage flush's counts (``gateway.usage.recorder``): the tokens of the
+        ``/v1/messages`` answers, by user and model (the request path does not count them
+        twice; they reach the counter with each usage flush)."""
+        tokens = self.tokens
+        for (user, _hour, model), row in rows.items():
+            if row[2] or row[3] or row[4] or row[5]:
+                key = (str(uuid.UUID(int=user)), model)
+                counts = tokens.get(key)
+                if counts is None:
+                    counts = tokens[key] = [0, 0, 0, 0]
+                for index in range(4):
+                    counts[index] += row[2 + index]
 
     def relayed(
         self,

@@ -32,38 +32,55 @@ MAX_PENDING_ROWS: Final = 100_000
 # A final flush at shutdown waits this long for the database, then gives up (and says so).
 SHUTDOWN_FLUSH_TIMEOUT: Final = 10.0
 
-# (user, hour as epoch seconds, model) -> [requests, rejected, input, output,
-# cache_creation_input, cache_read_input]
-Key = tuple[uuid.UUID, int, str]
+# (user id as its 128-bit int, hour as epoch seconds, model) -> [requests, rejected, input,
+# output, cache_creation_input, cache_read_input]. The int: a UUID's hash is a Python call.
+Key = tuple[int, int, str]
 Rows = dict[Key, list[int]]
 Writer = Callable[[Sequence[UsageDelta]], Awaitable[int]]
+Taken = Callable[[Rows], None]
 
 
 class UsageTally:
     """What one worker counted since its last flush. One event loop writes it: no lock."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("_hour", "_next_hour", "rows")
 
     def __init__(self) -> None:
         self.rows: Rows = {}
+        self._hour = 0  # the UTC hour requests end in now, as epoch seconds
+        self._next_hour = 0.0
+
+    def _now_hour(self) -> int:
+        now = time.time()
+        if now >= self._next_hour or now < self._hour:  # a new hour, or the clock went back
+            self._hour = int(now) // 3600 * 3600
+            self._next_hour = self._hour + 3600
+        return self._hour
 
     def relayed(self, user_id: uuid.UUID, meter: Meter | None) -> None:
         """A request forwarded upstream ended; ``meter``: what its answer reported."""
-        model = "" if meter is None else meter.model
-        key = (user_id, int(time.time()) // 3600 * 3600, model)
+        now = time.time()
+        hour = self._hour if self._hour <= now < self._next_hour else self._now_hour()
+        if meter is None:
+            key = (user_id.int, hour, "")
+            row = self.rows.get(key)
+            if row is None:
+                row = self.rows[key] = [0, 0, 0, 0, 0, 0]
+            row[0] += 1
+            return
+        key = (user_id.int, hour, meter.model)
         row = self.rows.get(key)
         if row is None:
             row = self.rows[key] = [0, 0, 0, 0, 0, 0]
         row[0] += 1
-        if meter is not None:
-            row[2] += meter.input_tokens
-            row[3] += meter.output_tokens
-            row[4] += meter.cache_creation_input_tokens
-            row[5] += meter.cache_read_input_tokens
+        row[2] += meter.input_tokens
+        row[3] += meter.output_tokens
+        row[4] += meter.cache_creation_input_tokens
+        row[5] += meter.cache_read_input_tokens
 
     def rejected(self, user_id: uuid.UUID) -> None:
         """A request refused with a 429 over a cap (its body is never read: model '')."""
-        key = (user_id, int(time.time()) // 3600 * 3600, "")
+        key = (user_id.int, self._now_hour(), "")
         row = self.rows.get(key)
         if row is None:
             row = self.rows[key] = [0, 0, 0, 0, 0, 0]
@@ -83,8 +100,11 @@ class UsageRecorder:
         interval: float = DEFAULT_FLUSH_INTERVAL,
         max_pending: int = MAX_PENDING_ROWS,
         write: Writer = add_usage,
+        taken: Taken | None = None,
     ) -> None:
         self.tally = UsageTally()
+        # Shown each flush's counts once, when they are taken (the metrics' token counter).
+        self._taken = taken
         self.interval = interval
         self.max_pending = max_pending
         self._write = write
@@ -135,12 +155,18 @@ class UsageRecorder:
 
     async def flush(self) -> bool:
         """Write the tally (and whatever an earlier failed flush kept); True when written."""
-        _merge(self._pending, self.tally.take())
+        taken = self.tally.take()
+        if taken and self._taken is not None:
+            try:
+                self._taken(taken)
+            except Exception:  # the database's counts come first
+                log.exception("usage could not be shown to the metrics")
+        _merge(self._pending, taken)
         if not self._pending:
             return True
         deltas = [
             UsageDelta(
-                user_id=user_id,
+                user_id=uuid.UUID(int=user_id),
                 hour=datetime.fromtimestamp(hour, UTC),
                 model=model,
                 requests=row[0],
