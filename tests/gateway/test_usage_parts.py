@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.usage.meter import Meter
 from gateway.usage.report import (
@@ -185,3 +187,227 @@ def test_the_flush_interval_setting() -> None:
     for bad in ("-1", "soon", "nan", "inf"):
         with pytest.raises(SettingsError, match="GATEWAY_USAGE_FLUSH_INTERVAL"):
             Settings.from_env({"GATEWAY_USAGE_FLUSH_INTERVAL": bad})
+
+
+# -- the meter's fast reading of Anthropic's framing against the general SSE parser -------
+
+_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _reference(stream: bytes) -> tuple[str, int, int, int, int]:
+    """What a stream reported, read by the general parser alone: the first message_start,
+    then every message_delta in order, the latest value of each field winning."""
+    from gateway.usage.meter import _events
+
+    seen = {"model": "", **dict.fromkeys(_COUNTS, 0)}
+    started = False
+    for kind, payload in _events(stream):
+        try:
+            decoded = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        if not isinstance(decoded, dict):
+            continue
+        if kind == b"message_start":
+            if started or not isinstance(decoded.get("message"), dict):
+                continue
+            message = decoded["message"]
+            if not isinstance(message.get("model", ""), str):
+                continue
+            usage = message.get("usage")
+            if usage is not None and not _valid_usage(usage):
+                continue
+            started = True
+            seen["model"] = message.get("model", "")
+        else:
+            usage = decoded.get("usage")
+            if usage is not None and not _valid_usage(usage):
+                continue
+        for name in _COUNTS:
+            if usage is not None and usage.get(name) is not None:
+                seen[name] = usage[name]
+    return (seen["model"], *(int(seen[name]) for name in _COUNTS))  # type: ignore[return-value]
+
+
+def _valid_usage(usage: object) -> bool:
+    return isinstance(usage, dict) and all(
+        usage.get(name) is None or type(usage.get(name)) is int for name in _COUNTS
+    )
+
+
+def _usage_strategy() -> st.SearchStrategy[dict[str, int]]:
+    return st.dictionaries(st.sampled_from(_COUNTS), st.integers(0, 10**6), max_size=4)
+
+
+def _event_strategy() -> st.SearchStrategy[tuple[str, bytes]]:
+    text = st.sampled_from(["hi", "message_delta", "message_start", 'usage {"output_tokens": 9}'])
+    return st.one_of(
+        st.builds(
+            lambda model, usage: ("message_start", msgspec.json.encode(
+                {"type": "message_start", "message": {"model": model, "usage": usage}}
+            )),
+            st.sampled_from(["m1", "m2"]), _usage_strategy(),
+        ),
+        st.builds(
+            lambda usage: ("message_delta", msgspec.json.encode(
+                {"type": "message_delta", "delta": {}, "usage": usage}
+            )),
+            _usage_strategy(),
+        ),
+        st.builds(
+            lambda t: ("content_block_delta", msgspec.json.encode(
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": t}}
+            )),
+            text,
+        ),
+        st.builds(
+            lambda usage: ("message_delta", msgspec.json.encode({"usage": usage})),
+            _usage_strategy(),
+        ),
+        st.just(("message_delta", b"{not json")),
+        st.just(("ping", b'{"type": "ping"}')),
+    )  # fmt: skip
+
+
+def _framed(kind: str, payload: bytes, style: int) -> bytes:
+    if style == 0:  # as Anthropic frames it
+        return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+    if style == 1:  # other fields, no space after the colon
+        return b"id: 1\nevent:" + kind.encode() + b"\ndata:" + payload + b"\n\n"
+    if style == 2:  # the data over two lines
+        half = len(payload) // 2
+        return (
+            b"event: "
+            + kind.encode()
+            + b"\ndata: "
+            + payload[:half]
+            + b"\ndata: "
+            + (payload[half:] + b"\n\n")
+        )
+    return b"event: " + kind.encode() + b"\r\ndata: " + payload + b"\r\n\r\n"  # CRLF
+
+
+_START_FIRST = st.builds(
+    lambda model, usage: ("message_start", msgspec.json.encode(
+        {"type": "message_start", "message": {"model": model, "usage": usage}}
+    )),
+    st.sampled_from(["m1", "m2"]), _usage_strategy(),
+)  # fmt: skip
+_STYLES = st.sampled_from([0, 0, 0, 0, 0, 1, 2, 3])
+
+
+@given(
+    # Most streams as Anthropic sends them: a message_start first, framed its way.
+    first=st.one_of(st.tuples(_START_FIRST, st.just(0)), st.tuples(_event_strategy(), _STYLES)),
+    events=st.lists(st.tuples(_event_strategy(), _STYLES), max_size=12),
+    cuts=st.lists(st.booleans(), min_size=13, max_size=13),
+)
+@settings(max_examples=1500, deadline=None)
+def test_the_fast_reading_agrees_with_the_general_parser(
+    first: tuple[tuple[str, bytes], int],
+    events: list[tuple[tuple[str, bytes], int]],
+    cuts: list[bool],
+) -> None:
+    """Any stream, handed over in chunks of whole events, reads as the general SSE parser
+    reads it whole. A stream that begins as Anthropic's do is framed that way throughout
+    (the meter looks for its later events in that framing); any other may mix framings."""
+    (kind, _), style = first
+    if kind == "message_start" and style == 0:
+        events = [(event, 0) for event, _ in events]
+    events = [first, *events]
+    framed = [_framed(kind, payload, style) for (kind, payload), style in events]
+    # Handed over in chunks of whole events, as the relay cuts them.
+    chunks: list[bytes] = []
+    for index, frame in enumerate(framed):
+        if chunks and not cuts[index]:
+            chunks[-1] += frame
+        else:
+            chunks.append(frame)
+    meter = Meter()
+    for chunk in chunks:
+        meter.events(chunk)
+    assert read(meter) == _reference(b"".join(framed)), chunks
+
+
+def test_several_deltas_in_one_chunk_the_latest_wins() -> None:
+    start = (
+        b'event: message_start\ndata: {"message": {"model": "m", "usage": {"input_tokens": 3}}}\n\n'
+    )
+    deltas = b"".join(
+        b'event: message_delta\ndata: {"usage": ' + usage + b"}\n\n"
+        for usage in (
+            b'{"output_tokens": 1, "cache_read_input_tokens": 4}',
+            b'{"output_tokens": 2}',
+        )
+    )
+    text = b'event: content_block_delta\ndata: {"delta": {"text": "event: message_delta"}}\n\n'
+    for stream in (start + deltas, start + deltas + text, start + text + deltas):
+        meter = Meter()
+        meter.events(stream)
+        assert read(meter) == ("m", 3, 2, 0, 4)
+        # The same events over two chunks: the start, then the rest.
+        meter = Meter()
+        meter.events(start)
+        meter.events(stream[len(start) :])
+        assert read(meter) == ("m", 3, 2, 0, 4)
+
+
+def test_a_later_message_start_in_another_line_ending_is_not_read() -> None:
+    meter = Meter()
+    meter.events(b'event: message_start\ndata: {"message": {"model": "first"}}\n\n')
+    meter.events(b'event: message_start\r\ndata: {"message": {"model": "second"}}\r\n\r\n')
+    assert meter.model == "first"
+
+
+def test_anthropics_framing_is_read_without_the_general_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.usage.meter as meter_module
+
+    def general(data: bytes) -> list[tuple[bytes, bytes]]:
+        raise AssertionError(f"read by the general parser: {data[:60]!r}")
+
+    monkeypatch.setattr(meter_module, "_events", general)
+    whole = Meter()
+    whole.events(frames())
+    assert read(whole) == ("claude-x", 40, 3, 2, 5)
+    each = Meter()
+    for frame in stream_frames(
+        msg_id="m", model="claude-x", input_tokens=40, events=3, cache_creation=2, cache_read=5
+    ):
+        each.events(frame)
+    assert read(each) == ("claude-x", 40, 3, 2, 5)
+
+
+def test_the_tally_counts_each_request_in_the_utc_hour_it_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.usage.recorder as recorder
+
+    def at(hour: int, minute: int, second: float) -> float:
+        return datetime(2026, 11, 30, hour, minute, tzinfo=UTC).timestamp() + second
+
+    clock = [0.0]
+    monkeypatch.setattr(recorder.time, "time", lambda: clock[0])
+    tally, user = recorder.UsageTally(), uuid.uuid4()
+    meter = Meter(model="m", input_tokens=2, output_tokens=3)
+    # The hour's last second, the next two hours, then the clock set back.
+    for clock[0] in (at(13, 59, 59), at(13, 59, 59.5), at(14, 0, 0.5), at(15, 0, 1), at(12, 30, 0)):
+        tally.relayed(user, meter)
+    tally.rejected(user)
+    hours = {
+        (datetime.fromtimestamp(hour, UTC).hour, model): row
+        for (_, hour, model), row in tally.take().items()
+    }
+    assert hours == {
+        (13, "m"): [2, 0, 4, 6, 0, 0],
+        (14, "m"): [1, 0, 2, 3, 0, 0],
+        (15, "m"): [1, 0, 2, 3, 0, 0],
+        (12, "m"): [1, 0, 2, 3, 0, 0],
+        (12, ""): [0, 1, 0, 0, 0, 0],
+    }
