@@ -191,7 +191,7 @@ async def test_under_load_without_kills_the_audit_repairs_nothing(
         PROXY_MAX_GLOBAL_CONCURRENT=str(GLOBAL_CAP),
     )
     tokens = {f"calm{i}": gateway.user_with_key(f"calm{i}", cap=3)[0] for i in range(4)}
-    seen = await churn(gateway, tokens, seconds=20, kill_every=None, seed=1)
+    seen = await churn(gateway, tokens, seconds=12, kill_every=None, seed=1)
     assert seen.get("200", 0) > 100, seen
     await asyncio.sleep(INTERVAL * 2)  # quiet gates are judged once more
     assert repair_logs(gateway) == []
@@ -213,7 +213,7 @@ async def test_churn_with_worker_kills_ends_with_every_cap_exact(
     gateway.put_key(revoked, key="sk-ant-test-revoked", cap=2)
     # Every 6.5 s: Granian takes a worker that dies within ~5.5 s of its respawn for a
     # crash loop and stops the server (the launcher then restarts it; not this test's aim).
-    seen = await churn(gateway, tokens, seconds=40, kill_every=6.5, seed=2)
+    seen = await churn(gateway, tokens, seconds=27, kill_every=6.5, seed=2)  # 4 kills
     token_id = str(
         json.loads(gateway.cli("tokens", "list", "revoked", "--json").stdout.splitlines()[0])["id"]
     )
