@@ -9,7 +9,7 @@ events it already cut on their boundaries, after it sent them. Non-streamed: the
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -24,11 +24,19 @@ _DELTA_AT: Final = len(_DELTA_EVENT)
 MAX_METERED_BODY: Final = 8 * 1024 * 1024
 
 
+# What an answer's usage cannot be read from: not JSON, not the shape, a count out of range,
+# or nesting deep enough that msgspec gives up (RecursionError). The upstream writes these
+# bytes; nothing it sends may end the client's stream.
+_UNREADABLE: Final = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+# A count the database stores (a signed 64-bit column) and Prometheus adds (never negative).
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
 class Usage(msgspec.Struct, frozen=True):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cache_creation_input_tokens: Count | None = None
+    cache_read_input_tokens: Count | None = None
 
 
 class _Message(msgspec.Struct, frozen=True):
@@ -95,7 +103,7 @@ class Meter(msgspec.Struct, gc=False):
                 return
             try:
                 message = _decode_start(data[_START_AT:end]).message
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except _UNREADABLE:
                 self._general(data)  # not the stream's message_start after all
                 return
             self.started = self.framed = True
@@ -127,7 +135,7 @@ class Meter(msgspec.Struct, gc=False):
                 return
             try:
                 usage = _decode_delta(data[begin:end]).usage
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except _UNREADABLE:
                 usage = None
             if usage is not None:
                 if (
@@ -154,7 +162,7 @@ class Meter(msgspec.Struct, gc=False):
         """A whole non-streamed ``/v1/messages`` JSON body."""
         try:
             message = _decode_message(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _UNREADABLE:
             return
         self.model = message.model
         if message.usage is not None:
@@ -174,7 +182,7 @@ class Meter(msgspec.Struct, gc=False):
                 usage = start.message.usage
             else:
                 usage = _decode_delta(payload).usage
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _UNREADABLE:
             return
         if usage is not None:
             self._usage(usage)

@@ -411,3 +411,53 @@ def test_the_tally_counts_each_request_in_the_utc_hour_it_ended(
         (12, "m"): [1, 0, 2, 3, 0, 0],
         (12, ""): [0, 1, 0, 0, 0, 0],
     }
+
+
+START = b'event: message_start\ndata: {"message": {"model": "m", "usage": {"input_tokens": 3}}}\n\n'
+
+
+def test_nothing_the_upstream_sends_raises_out_of_the_meter() -> None:
+    # msgspec gives up on deep nesting with a RecursionError, not a DecodeError: it must
+    # not escape into the relay (it would end the client's stream).
+    deep = b'{"usage": {"output_tokens": 5}, "x": ' + b"[" * 1200 + b"]" * 1200 + b"}"
+    framed = Meter()
+    framed.events(START + b"event: message_delta\ndata: " + deep + b"\n\n")
+    framed.events(b"event: message_delta\ndata: " + deep + b"\n\n")
+    general = Meter()
+    general.events(b"event: message_start\r\ndata: " + deep + b"\r\n\r\n")
+    general.events(b"id: 1\nevent: message_delta\ndata: " + deep + b"\n\n")
+    body = Meter()
+    body.body(deep)
+    assert read(framed) == ("m", 3, 0, 0, 0)
+    assert read(general) == read(body) == ("", 0, 0, 0, 0)
+
+
+def test_counts_out_of_range_are_not_read() -> None:
+    meter = Meter()
+    meter.events(START)
+    meter.events(b'event: message_delta\ndata: {"usage": {"output_tokens": 4}}\n\n')
+    for count in (b"-5", b"9223372036854775808", b"99999999999999999999999"):
+        meter.events(
+            b'event: message_delta\ndata: {"usage": {"output_tokens": ' + count + b"}}\n\n"
+        )
+    assert read(meter) == ("m", 3, 4, 0, 0)
+    meter.events(
+        b'event: message_delta\ndata: {"usage": {"output_tokens": 9223372036854775807}}\n\n'
+    )
+    assert read(meter) == ("m", 3, 2**63 - 1, 0, 0)
+
+
+def test_a_framed_streams_unfinished_or_otherwise_framed_delta() -> None:
+    # A tail without its blank line (the relay's rest after an upstream cut) is not an event.
+    cut = Meter()
+    cut.events(START + b'event: message_delta\ndata: {"usage": {"output_tokens": 9}}\n')
+    assert read(cut) == ("m", 3, 0, 0, 0)
+    # A field before its type line, or the chunk beginning mid-line: the general parser.
+    fields = Meter()
+    fields.events(START)
+    fields.events(b'id: 7\nevent: message_delta\ndata: {"usage": {"output_tokens": 4}}\n\n')
+    fields.events(b'\nevent: message_delta\ndata: {"usage": {"output_tokens": 6}}\n\n')
+    assert read(fields) == ("m", 3, 6, 0, 0)
+    # A data line before the type line joins the event's data: not JSON, nothing read.
+    fields.events(b'data: {}\nevent: message_delta\ndata: {"usage": {"output_tokens": 8}}\n\n')
+    assert read(fields) == ("m", 3, 6, 0, 0)
