@@ -227,6 +227,46 @@ def test_the_command_line_finds_the_running_gateways_database(
     assert response.status_code == 200, response.text
 
 
+def test_with_several_gateways_the_command_line_asks_which_and_the_namespace_chooses(
+    start_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    first = start_gateway()
+    with fresh_namespace() as namespace:
+        second = start_gateway(
+            GATEWAY_DATA_DIR=str(tmp_path / "second"),
+            GATEWAY_DATABASE_URL=f"sqlite:///{tmp_path / 'second' / 'gateway.sqlite3'}",
+            GATEWAY_IPC_NAMESPACE=namespace,
+            GATEWAY_METRICS_PORT="0",
+        )
+        try:
+            _ask_and_choose(first, second, tmp_path / "elsewhere")
+        finally:
+            second.stop()
+
+
+def _ask_and_choose(first: GatewayProcess, second: GatewayProcess, elsewhere: Path) -> None:
+    elsewhere.mkdir()
+    env = {k: v for k, v in _without_database(first.env).items() if k != "GATEWAY_IPC_NAMESPACE"}
+    asked = run_cli(env, "users", "list", cwd=elsewhere, check=False)
+    assert asked.returncode == 1
+    assert "got none while several run with different databases" in asked.stderr
+    for gateway in (first, second):  # (other gateways on this host may be listed too)
+        assert f"namespace {gateway.namespace}," in asked.stderr
+    assert not (elsewhere / "gateway-data").exists()
+    made = run_cli(
+        {**env, "GATEWAY_IPC_NAMESPACE": second.namespace},
+        "users",
+        "create",
+        "grace",
+        cwd=elsewhere,
+    )
+    assert f"namespace {second.namespace}," in made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    for gateway, status in ((second, 200), (first, 401)):
+        response = httpx.get(f"{gateway.url}{KEY_PATH}", headers={"x-api-key": token}, timeout=10)
+        assert response.status_code == status, response.text
+
+
 def test_a_new_database_beside_a_running_gateway_is_announced_loudly(
     start_gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
