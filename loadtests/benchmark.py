@@ -359,7 +359,13 @@ def bench_redis_gates(url: str, iterations: int) -> dict[str, float]:
 
 
 def wrk_json(
-    url: str, token: str, *, concurrency: int, seconds: int, message: bytes = MESSAGE
+    url: str,
+    token: str,
+    *,
+    concurrency: int,
+    seconds: int,
+    message: bytes = MESSAGE,
+    path: str = "/v1/messages",
 ) -> dict[str, float]:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     body = message.decode().replace('"', '\\"')
@@ -373,7 +379,7 @@ def wrk_json(
     try:
         out = subprocess.run(
             ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script),
-             f"{url}/v1/messages"],
+             f"{url}{path}"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     finally:

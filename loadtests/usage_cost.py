@@ -16,8 +16,8 @@ Instructions (callgrind):
 
 Worker CPU time on a shared machine moves by ±10% between identical runs (an A/A run of
 the usage benchmark differed by 5.8%), so a 3% budget cannot be read off it. Valgrind's
-callgrind counts the instructions a process runs instead: the same figure run after run
-(seen here to 0.03%), whatever else the machine is doing. Each gateway runs under
+callgrind counts the instructions a process runs instead: within 0.2% between runs here,
+whatever else the machine is doing. Each gateway runs under
 ``valgrind --tool=callgrind --instr-atstart=no`` with one worker; after a warm-up the
 worker's counters are zeroed, N sequential requests are sent (one keep-alive client),
 and the counters dumped: instructions per request, user space only (the kernel's share
@@ -49,6 +49,7 @@ import httpx
 import loadtests.benchmark as bench
 from loadtests.fake_upstream import FakeUpstream
 
+PACED_DELTAS = 30
 VALGRIND = ("valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no")
 
 
@@ -77,9 +78,9 @@ class Counted:
         )
         self.dumps = 0
 
-    def send(self, body: bytes, count: int) -> None:
+    def send(self, body: bytes, count: int, path: str = "/v1/messages") -> None:
         for _ in range(count):
-            response = self.client.post("/v1/messages", content=body)
+            response = self.client.post(path, content=body)
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
 
@@ -91,10 +92,10 @@ class Counted:
     def start_counting(self) -> None:
         self._control("--instr=on")
 
-    def window(self, body: bytes, count: int) -> int:
+    def window(self, body: bytes, count: int, path: str = "/v1/messages") -> int:
         """Instructions the worker ran while ``count`` requests of ``body`` were served."""
         self._control("--zero")
-        self.send(body, count)
+        self.send(body, count, path)
         self._control("--dump")
         self.dumps += 1
         deadline = time.monotonic() + 60
@@ -122,16 +123,23 @@ def measure(requests: int, warmup: int = 30) -> dict[str, float]:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise click.ClickException("valgrind is not installed (apt-get install valgrind)")
     figures: dict[str, float] = {}
-    bodies = {"streamed": bench.STREAM_MESSAGE, "json": bench.MESSAGE}
+    # (path, body, share of ``requests``); paced: each text delta its own write, as
+    # Anthropic streams arrive, so the meter reads a chunk per event.
+    kinds = {
+        "streamed": ("/v1/messages", bench.STREAM_MESSAGE, 1),
+        "paced": (f"/v1/messages?events={PACED_DELTAS}&delay=0.005", bench.STREAM_MESSAGE, 5),
+        "json": ("/v1/messages", bench.MESSAGE, 1),
+    }
     with tempfile.TemporaryDirectory(prefix="gw-instr-") as tmp, FakeUpstream.start() as up:
         for state in ("on", "off"):
             counted = Counted(Path(tmp) / state, up.url, usage=state == "on", flush=3600)
             try:
                 counted.start_counting()
-                for kind, body in bodies.items():
-                    counted.send(body, warmup)
-                    used = counted.window(body, requests)
-                    figures[f"{kind} {state}"] = used / requests
+                for kind, (path, body, share) in kinds.items():
+                    count = max(20, requests // share)
+                    counted.send(body, warmup // share, path)
+                    used = counted.window(body, count, path)
+                    figures[f"{kind} {state}"] = used / count
             finally:
                 counted.stop()
         # A flush: the same traffic with a flush every second, over a window of known
@@ -155,15 +163,19 @@ def report(figures: dict[str, float], requests: int) -> None:
     print(
         f"\n## usage: worker instructions per request, usage accounting on vs off "
         f"(callgrind, one worker,\n##   {requests} sequential requests after a warm-up; "
-        "counted, not timed: the same figure each run)"
+        "counted, not timed: within 0.2% between runs)"
     )
     print(f"  {'request':<9} {'usage on':>12} {'usage off':>12} {'difference':>11}")
-    for kind in ("streamed", "json"):
+    for kind in ("streamed", "paced", "json"):
         on, off = figures[f"{kind} on"], figures[f"{kind} off"]
         print(
             f"  {kind:<9} {on:12,.0f} {off:12,.0f} {on - off:+11,.0f} "
             f"({(on / off - 1) * 100:+.1f}%)"
         )
+    print(
+        f"  (streamed: the benchmark's 5 text deltas in one write; paced: {PACED_DELTAS} text\n"
+        "   deltas, a write each, 5 ms apart, as an upstream streams them; json: not streamed)"
+    )
     print(
         "  (user-space instructions, not time: the kernel's share of a worker's CPU, a third\n"
         "   under wrk here, is not counted, and instructions differ in what they cost; the\n"
@@ -189,8 +201,11 @@ USAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
-def sampled(seconds: int = 20, concurrency: int = 16, rate: int = 400) -> dict[str, float]:
-    """The share of a worker's sampled CPU time in the usage code, streamed requests."""
+def sampled(
+    seconds: int = 20, concurrency: int = 16, rate: int = 400, *, paced: bool = False
+) -> dict[str, float]:
+    """The share of a worker's sampled CPU time in the usage code, streamed requests (with
+    ``paced``, each text delta its own write, as an upstream streams them)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise click.ClickException("py-spy is not installed (pip install -e '.[dev]')")
@@ -211,6 +226,8 @@ def sampled(seconds: int = 20, concurrency: int = 16, rate: int = 400) -> dict[s
             row = bench.wrk_json(
                 gateway.url, token, concurrency=concurrency, seconds=seconds + 2,
                 message=bench.STREAM_MESSAGE,
+                path=f"/v1/messages?events={PACED_DELTAS}&delay=0.005" if paced
+                else "/v1/messages",
             )  # fmt: skip
             recorder.wait(seconds + 60)
         finally:
@@ -231,12 +248,13 @@ def sampled(seconds: int = 20, concurrency: int = 16, rate: int = 400) -> dict[s
     return figures
 
 
-def report_sampled(figures: dict[str, float], seconds: int) -> None:
+def report_sampled(figures: dict[str, float], seconds: int, *, paced: bool = False) -> None:
     total = int(figures["samples"])
     share = sum(figures[part] for part in USAGE_CODE)
     error = math.sqrt(share * (1 - share) / max(total, 1))
+    kind = f"{PACED_DELTAS} text deltas a write each" if paced else "5 text deltas in a write"
     print(
-        f"\n## usage: share of a worker's CPU time in the usage code, streamed requests "
+        f"\n## usage: share of a worker's CPU time in the usage code, streamed requests, {kind} "
         f"(py-spy, one worker,\n##   {seconds} s of wrk at 400 samples a second: "
         f"{total:,} samples, {figures['requests']:,.0f} requests)"
     )
@@ -256,6 +274,7 @@ def main(only: tuple[str, ...], requests: int, seconds: int) -> None:
     parts = set(only) or {"sampled", "instructions"}
     if "sampled" in parts:
         report_sampled(sampled(seconds), seconds)
+        report_sampled(sampled(seconds, concurrency=64, paced=True), seconds, paced=True)
     if "instructions" in parts:
         report(measure(requests), requests)
 
